@@ -1,0 +1,255 @@
+"""Wire schemas shared by the worker and the gateway.
+
+Field names, defaults and shapes follow text-embeddings-inference 1.x (and OpenAI's embeddings
+API for ``/v1/embeddings``) so that existing clients work unchanged. Types are strict: a number
+where a string belongs is a validation error, never silently coerced.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+InputType = StrictStr | list[TokenId]
+"""One input: a text, or a sequence of token ids that is used as is."""
+Input = InputType | list[InputType]
+"""A single input or a batch of them."""
+
+
+class TruncationDirection(StrEnum):
+    """Which end of an over-long input is cut off. Accepted in any letter case."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+    @classmethod
+    def _missing_(cls, value: object) -> TruncationDirection | None:
+        if isinstance(value, str):
+            lowered = value.lower()
+            for member in cls:
+                if member.value == lowered:
+                    return member
+        return None
+
+
+class _Request(BaseModel):
+    # TEI ignores fields it does not know; so do we, so newer clients keep working.
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Truncation(_Request):
+    truncate: StrictBool | None = Field(
+        default=None, description="Cut inputs longer than the model's maximum instead of failing."
+    )
+    truncation_direction: TruncationDirection = TruncationDirection.RIGHT
+
+
+class EmbedRequest(_Truncation):
+    """POST /embed: pooled embeddings."""
+
+    inputs: Input
+    normalize: StrictBool = True
+    prompt_name: StrictStr | None = None
+    dimensions: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        default=None, description="Keep the first N dimensions (Matryoshka), renormalised if normalize."
+    )
+
+
+class EmbedAllRequest(_Truncation):
+    """POST /embed_all: one vector per token."""
+
+    inputs: Input
+    prompt_name: StrictStr | None = None
+
+
+class EmbedSparseRequest(_Truncation):
+    """POST /embed_sparse: SPLADE sparse vectors."""
+
+    inputs: Input
+    prompt_name: StrictStr | None = None
+
+
+class RerankRequest(_Truncation):
+    """POST /rerank: score each text against the query."""
+
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+
+
+PredictInput = StrictStr | list[StrictStr] | list[list[StrictStr]]
+
+
+class PredictRequest(_Truncation):
+    """POST /predict: classify a text, a pair, or a batch of texts and pairs."""
+
+    inputs: PredictInput
+    raw_scores: StrictBool = False
+
+
+class SimilarityInput(_Request):
+    """The texts of a /similarity request."""
+
+    source_sentence: StrictStr
+    sentences: list[StrictStr]
+
+
+class SimilarityParameters(_Truncation):
+    """Options of a /similarity request."""
+
+    prompt_name: StrictStr | None = None
+
+
+class SimilarityRequest(_Request):
+    """POST /similarity: cosine similarity of each sentence to the source sentence."""
+
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize."""
+
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: StrictBool = True
+    prompt_name: StrictStr | None = None
+
+
+class DecodeRequest(_Request):
+    """POST /decode."""
+
+    ids: list[TokenId] | list[list[TokenId]]
+    skip_special_tokens: StrictBool = True
+
+
+class OpenAIEmbeddingRequest(_Request):
+    """POST /v1/embeddings, as OpenAI's embeddings API."""
+
+    input: Input
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=0)] | None = None
+    user: StrictStr | None = None
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+# ----- responses (used for the OpenAPI document; handlers serialise with orjson) -----
+
+
+class SparseValue(BaseModel):
+    """One non-zero entry of a sparse vector."""
+
+    index: int
+    value: float
+
+
+class Rank(BaseModel):
+    """One reranked text."""
+
+    index: int
+    score: float
+    text: str | None = None
+
+
+class Prediction(BaseModel):
+    """One class score."""
+
+    score: float
+    label: str
+
+
+class SimpleToken(BaseModel):
+    """One token of a /tokenize response; start/stop are character offsets."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None = None
+    stop: int | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    """One embedding of an OpenAI-style response."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    """Token counts of an OpenAI-style response."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(BaseModel):
+    """POST /v1/embeddings response."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ClassifierModel(BaseModel):
+    """Labels of a classifier or reranker."""
+
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class EmbeddingModel(BaseModel):
+    """Pooling of an embedding model."""
+
+    pooling: str
+
+
+class Info(BaseModel):
+    """GET /info."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: dict[str, Any]
+    served_model_name: str
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
+    # embedfleet extensions: what a gateway needs to fingerprint the model and size its batches.
+    task: str
+    pooling: str | None
+    dimension: int
+    backend: str
+    device: str
+    revision: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """TEI's error body."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body of the OpenAI-compatible routes."""
+
+    message: str
+    code: int
+    error_type: str

@@ -1,0 +1,80 @@
+"""The ``embedfleet`` command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from embedfleet import __version__
+from embedfleet.config import ConfigError, WorkerSettings
+
+app = typer.Typer(help="embedfleet: self-hosted text-embedding serving.", no_args_is_help=True,
+                  add_completion=False)
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def worker(
+    model: Annotated[str | None, typer.Option(help="Local folder, Hugging Face id, or `default` "
+                                                  "(all-MiniLM-L6-v2, bundled).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hugging Face revision.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name reported to clients.")] = None,
+    pooling: Annotated[str | None, typer.Option(help="Override pooling: mean, cls, last_token, splade.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8081).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto (onnx on CPU, torch on CUDA), onnx or torch.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (torch).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Backend threads (default: all cores).")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantization (onnx).")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per batch (16384).")] = None,
+    max_batch_requests: Annotated[int | None, typer.Option(help="Inputs per batch (256).")] = None,
+    max_client_batch_size: Annotated[int | None, typer.Option(help="Inputs per request (32).")] = None,
+    max_concurrent_requests: Annotated[int | None, typer.Option(help="Requests in flight before 429 (512).")] = None,
+    auto_truncate: Annotated[bool | None, typer.Option("--auto-truncate/--no-auto-truncate",
+                                                       help="Truncate over-long inputs by default.")] = None,
+    tokenization_workers: Annotated[int | None, typer.Option(help="Tokenizer threads.")] = None,
+    payload_limit: Annotated[int | None, typer.Option(help="Largest request body, bytes (2000000).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where exported models are cached.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file (its [worker] table).")] = None,
+) -> None:
+    """Serve one model: text-embeddings-inference's API plus OpenAI's /v1/embeddings."""
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    try:
+        settings = WorkerSettings.load(config, table="worker", **flags)
+    except (ConfigError, ValidationError) as exc:
+        raise _fail(str(exc)) from None
+
+    from embedfleet.logging_setup import setup_logging
+    from embedfleet.worker.server import run_worker
+
+    setup_logging(settings.log_level, settings.log_format)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    run_worker(settings)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,113 @@
+"""Settings, in one place.
+
+Precedence: command-line flags > environment (``EMBEDFLEET_*``) > config file > defaults. The
+config file is TOML (``--config`` or ``EMBEDFLEET_CONFIG``, else ``./embedfleet.toml`` if present),
+with one table per command: ``[worker]``, and later ``[gateway]`` and ``[fleet]``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = "embedfleet.toml"
+
+
+class ConfigError(Exception):
+    """The configuration file or a setting is invalid."""
+
+
+def default_data_dir() -> Path:
+    """Where derived files (exported ONNX graphs, later the cache) live by default."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "embedfleet"
+
+
+def load_config_table(path: str | Path | None, table: str) -> dict[str, Any]:
+    """One table of the TOML config file; {} when there is no file."""
+    explicit = path or os.environ.get("EMBEDFLEET_CONFIG")
+    file = Path(explicit) if explicit else Path(DEFAULT_CONFIG_FILE)
+    if not file.is_file():
+        if explicit:
+            raise ConfigError(f"config file {file} does not exist")
+        return {}
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    section = data.get(table, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{table}] in {file} must be a table")
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_", extra="forbid", validate_default=True)
+    file_values: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_source = InitSettingsSource(settings_cls, init_kwargs=dict(cls.file_values))
+        return init_settings, env_settings, file_source
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, table: str = "", **flags: Any) -> Any:
+        """Build settings from flags (None means "not given"), the environment and the config file."""
+        values = load_config_table(config_file, table) if table else {}
+        known = set(cls.model_fields)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) in [{table}]: {', '.join(unknown)}")
+        sub = type(cls.__name__, (cls,), {"file_values": values})
+        return sub(**{k: v for k, v in flags.items() if v is not None})
+
+
+class WorkerSettings(_Settings):
+    """Settings of one inference replica (``embedfleet worker``)."""
+
+    model: str = Field("default", description="local folder, Hugging Face id, or `default`")
+    revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
+    served_model_name: str | None = Field(None, description="name reported in /info and /v1/embeddings")
+    pooling: Literal["mean", "cls", "last_token", "splade"] | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    device: str = "auto"
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: all cores)")
+    quantize: Literal["int8"] | None = None
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_requests: int = Field(256, ge=1)
+    max_client_batch_size: int = Field(32, ge=1)
+    max_concurrent_requests: int = Field(512, ge=1)
+    auto_truncate: bool = False
+    tokenization_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    payload_limit: int = Field(2_000_000, ge=1, description="largest request body in bytes")
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorkerSettings:
+        if self.quantize and self.backend == "torch":
+            raise ValueError("--quantize int8 needs the onnx backend")
+        return self

@@ -1,0 +1,243 @@
+"""onnxruntime backend, the default on CPU.
+
+The serving module (transformer + pooling + head) is exported once with ``torch.onnx.export``,
+passed through onnxruntime's transformer optimizer (fused attention, LayerNorm and GELU) when it
+knows the architecture, checked against the unoptimised graph, optionally quantized to int8, and
+cached on disk under a key of model fingerprint + export settings. A model that ships its own
+``onnx/model.onnx`` is used as is, with pooling done in numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from embedfleet.engine.backends.base import Backend, Output, PaddedBatch, pool_numpy
+from embedfleet.engine.model import ModelError, ModelInfo, Task
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1  # bump when the exported graph changes, so cached files are rebuilt
+OPSET = 17
+# onnxruntime's optimizer knows BERT-style encoders; these model types export to that pattern.
+_OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
+                    "electra": "bert", "distilbert": "bert"}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise exports across processes (a fleet starts many workers of one model at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _atomic_target(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=final.stem + ".", suffix=".tmp.onnx")
+    os.close(fd)
+    return Path(tmp)
+
+
+def export(info: ModelInfo, target: Path) -> None:
+    """Export the serving module to ONNX (fp32, dynamic batch and sequence axes)."""
+    import torch
+
+    from embedfleet.engine.backends.module import ServingModule, load_transformer
+
+    transformer = load_transformer(info, "eager", torch.float32)
+    module = ServingModule(info, transformer).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    types = torch.zeros_like(ids)
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    if info.task is Task.EMBEDDING:
+        outputs = ["token_embeddings", "sentence_embedding"]
+        axes["token_embeddings"] = {0: "batch", 1: "sequence"}
+        axes["sentence_embedding"] = {0: "batch"}
+    else:
+        outputs = [info.task.value]
+        axes[info.task.value] = {0: "batch"}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (ids, mask, types), str(target), input_names=inputs, output_names=outputs,
+            dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+
+
+def _session(path: Path, threads: int | None, providers: list[str]) -> object:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def _probe_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 2000, size=(3, 24), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _agrees(a: Path, b: Path, min_cos: float) -> float:
+    """Smallest cosine between the two graphs' main outputs on a probe batch."""
+    feed = _probe_batch()
+    sa, sb = _session(a, None, ["CPUExecutionProvider"]), _session(b, None, ["CPUExecutionProvider"])
+    out_a = sa.run(None, feed)[-1].reshape(3, -1)  # type: ignore[attr-defined]
+    out_b = sb.run(None, feed)[-1].reshape(3, -1)  # type: ignore[attr-defined]
+    cos = (out_a * out_b).sum(1) / (np.linalg.norm(out_a, axis=1) * np.linalg.norm(out_b, axis=1) + 1e-12)
+    return float(cos.min())
+
+
+def _optimize(info: ModelInfo, source: Path, target: Path) -> bool:
+    kind = _OPTIMIZER_TYPES.get(info.model_type)
+    if kind is None or not info.num_heads or not info.hidden_size:
+        return False
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        optimized = optimize_model(str(source), model_type=kind, num_heads=info.num_heads,
+                                   hidden_size=info.hidden_size, opt_level=0)
+        optimized.save_model_to_file(str(target))
+    except Exception as exc:  # the optimizer raises many types; any failure means "use the plain graph"
+        log.warning("onnxruntime optimizer failed for %s (%s); using the plain graph", info.model_id, exc)
+        return False
+    cos = _agrees(source, target, 0.9999)
+    if cos < 0.9999:
+        log.warning("optimized graph disagrees with the plain one (cos %.6f); using the plain graph", cos)
+        target.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _quantize(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Per-channel U8 weights on MatMul only: the default settings (S8, per-tensor, all ops) lose
+    # too much accuracy on AVX2 CPUs, where the u8s8 kernels saturate.
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"])
+
+
+def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optimize: bool = True) -> Path:
+    """The .onnx file to run: from the cache, or exported (and optimized, quantized) now."""
+    tag = f"{info.sha}-{info.task.value}-{info.pooling or 'head'}-d{len(info.dense)}-op{OPSET}-v{EXPORT_VERSION}"
+    folder = cache_dir / "onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = folder / f"{tag}.onnx"
+    optimized = folder / f"{tag}-opt.onnx"
+    with _file_lock(folder / f"{tag}.lock"):
+        if not plain.exists():
+            log.info("exporting %s to ONNX (once; cached in %s)", info.model_id, folder)
+            tmp = _atomic_target(plain)
+            try:
+                export(info, tmp)
+                os.replace(tmp, plain)
+            finally:
+                tmp.unlink(missing_ok=True)
+        base = plain
+        if optimize:
+            marker = folder / f"{tag}-opt.unsupported"
+            if optimized.exists():
+                base = optimized
+            elif not marker.exists():
+                tmp = _atomic_target(optimized)
+                try:
+                    if _optimize(info, plain, tmp):
+                        os.replace(tmp, optimized)
+                        base = optimized
+                    else:
+                        marker.touch()
+                finally:
+                    tmp.unlink(missing_ok=True)
+        if quantize is None:
+            return base
+        if quantize != "int8":
+            raise ModelError(f"quantize {quantize!r} is not supported (only int8)")
+        quantized = base.with_name(base.stem + "-int8.onnx")
+        if not quantized.exists():
+            tmp = _atomic_target(quantized)
+            try:
+                _quantize(base, tmp)
+                os.replace(tmp, quantized)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return quantized
+
+
+class OnnxBackend(Backend):
+    """Runs the exported graph with onnxruntime."""
+
+    name = "onnx"
+
+    def __init__(self, info: ModelInfo, cache_dir: Path, device: str = "cpu", threads: int | None = None,
+                 quantize: str | None = None, dtype: str | None = None, optimize: bool = True) -> None:
+        import onnxruntime as ort
+
+        if dtype not in (None, "float32"):
+            raise ModelError("the onnx backend runs float32 (use --quantize int8, or --backend torch for fp16)")
+        self.info = info
+        self.device = device
+        self.dtype = "int8" if quantize else "float32"
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use --backend torch")
+            index = device.partition(":")[2] or "0"
+            providers: list[object] = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.pool_in_numpy = False
+        if info.shipped_onnx is not None and info.task is Task.EMBEDDING and not info.dense and quantize is None:
+            self.source = "shipped"
+            path = info.shipped_onnx
+            self.pool_in_numpy = True
+        else:
+            self.source = "exported"
+            path = prepare(info, cache_dir, quantize)
+        self.path = path
+        self.session = _session(path, threads, providers)  # type: ignore[arg-type]
+        self._inputs = {i.name for i in self.session.get_inputs()}  # type: ignore[attr-defined]
+        self._outputs = [o.name for o in self.session.get_outputs()]  # type: ignore[attr-defined]
+        log.info("onnx graph %s (%s)", path, self.source)
+
+    def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:
+        """One forward pass."""
+        feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in self._inputs:
+            feed["token_type_ids"] = batch.token_type_ids
+        run = self.session.run  # type: ignore[attr-defined]
+        if self.pool_in_numpy:
+            tokens = run([self._outputs[0]], feed)[0]
+            if output is Output.TOKENS:
+                return np.asarray(tokens, dtype=np.float32)
+            assert self.info.pooling is not None
+            return pool_numpy(tokens, batch.attention_mask, self.info.pooling).astype(np.float32, copy=False)
+        if output is Output.TOKENS:
+            name = "token_embeddings"
+        elif output is Output.POOLED:
+            name = "sentence_embedding"
+        else:
+            name = self._outputs[-1]
+        result: np.ndarray = run([name], feed)[0]
+        return result.astype(np.float32, copy=False)

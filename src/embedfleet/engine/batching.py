@@ -1,0 +1,174 @@
+"""Dynamic batching: inputs from many requests share forward passes.
+
+Each input waits in one queue. When the inference thread is free, the batcher takes the oldest
+waiting input (so nothing starves) and adds the waiting inputs closest to it in length (so little
+compute goes to padding) while the batch stays within ``max_batch_tokens`` padded tokens and
+``max_batch_requests`` inputs. The forward pass runs on a single dedicated thread, so the event
+loop keeps serving /health and /metrics while a long batch runs, and the next batch is formed from
+everything that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedfleet.api import errors
+from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
+from embedfleet.engine.metrics import EngineMetrics
+from embedfleet.engine.tokenization import Encoded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RowResult:
+    """One input's output, with the time it waited and the time its batch took."""
+
+    value: np.ndarray
+    queue_time: float
+    inference_time: float
+
+
+@dataclass(slots=True, order=True)
+class _Waiting:
+    length: int
+    seq: int
+    item: Encoded = field(compare=False)
+    output: Output = field(compare=False)
+    future: asyncio.Future[RowResult] = field(compare=False)
+    enqueued: float = field(compare=False)
+
+
+class Batcher:
+    """Queues inputs and runs them through the backend in token-bounded batches."""
+
+    def __init__(self, backend: Backend, max_batch_tokens: int, max_batch_requests: int,
+                 metrics: EngineMetrics) -> None:
+        self.backend = backend
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self.metrics = metrics
+        self._waiting: list[_Waiting] = []  # in arrival order
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self.busy = False
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def close(self) -> None:
+        """Stop the loop; waiting inputs fail as Unhealthy."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for w in self._waiting:
+            if not w.future.done():
+                w.future.set_exception(errors.unhealthy("the worker is shutting down"))
+        self._waiting.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def queue_size(self) -> int:
+        """Inputs waiting for a batch."""
+        return len(self._waiting)
+
+    async def submit(self, items: Sequence[Encoded], output: Output) -> list[RowResult]:
+        """Queue the inputs of one request and wait for all their results, in order."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures: list[asyncio.Future[RowResult]] = []
+        for item in items:
+            fut: asyncio.Future[RowResult] = loop.create_future()
+            self._waiting.append(_Waiting(item.length, next(self._seq), item, output, fut, now))
+            futures.append(fut)
+        self.metrics.queue_size.set(len(self._waiting))
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for f in futures:
+                f.cancel()  # a cancelled input is dropped when the next batch forms
+            raise
+
+    def _take(self) -> list[_Waiting]:
+        """Remove and return the next batch: the oldest input plus its nearest neighbours in length."""
+        self._waiting = [w for w in self._waiting if not w.future.done()]
+        if not self._waiting:
+            return []
+        oldest = self._waiting[0]
+        same = sorted(w for w in self._waiting if w.output is oldest.output)
+        pos = bisect.bisect_left(same, oldest)
+        lo, hi = pos, pos + 1  # the batch is same[lo:hi]
+        width = oldest.length
+        while hi - lo < self.max_batch_requests:
+            left = same[lo - 1] if lo > 0 else None
+            right = same[hi] if hi < len(same) else None
+            # Take the neighbour whose length is closer to the oldest input's.
+            if left is not None and (right is None or oldest.length - left.length <= right.length - oldest.length):
+                if width * (hi - lo + 1) > self.max_batch_tokens:
+                    break
+                lo -= 1
+            elif right is not None:
+                if right.length * (hi - lo + 1) > self.max_batch_tokens:
+                    break
+                width = right.length
+                hi += 1
+            else:
+                break
+        chosen = same[lo:hi]
+        taken = {id(w) for w in chosen}
+        self._waiting = [w for w in self._waiting if id(w) not in taken]
+        return chosen
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._take():
+                self.metrics.queue_size.set(len(self._waiting))
+                output = batch[0].output
+                started = time.perf_counter()
+                self.busy = True
+                try:
+                    padded, values = await loop.run_in_executor(
+                        self._executor, self._forward, [w.item for w in batch], output
+                    )
+                except Exception as exc:
+                    log.exception("batch of %d failed", len(batch))
+                    self.metrics.batch_inference_failure.labels(output.value).inc()
+                    err = exc if isinstance(exc, errors.EmbedfleetError) else errors.backend(
+                        f"inference failed: {exc}")
+                    for w in batch:
+                        if not w.future.done():
+                            w.future.set_exception(err)
+                    continue
+                finally:
+                    self.busy = False
+                elapsed = time.perf_counter() - started
+                m = self.metrics
+                m.batch_next_size.observe(len(batch))
+                m.batch_next_tokens.observe(padded)
+                m.batch_inference_duration.labels(output.value).observe(elapsed)
+                m.batch_inference_success.labels(output.value).inc()
+                for row, w in enumerate(batch):
+                    if w.future.done():
+                        continue
+                    value = values[row, : w.length] if output is Output.TOKENS else values[row]
+                    w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
+
+    def _forward(self, items: list[Encoded], output: Output) -> tuple[int, np.ndarray]:
+        padded = PaddedBatch.from_encoded(items)
+        return padded.padded_tokens, self.backend.forward(padded, output)

@@ -1,0 +1,313 @@
+"""The inference engine: admission, tokenization, batching and post-processing for each task.
+
+HTTP handlers call :class:`Engine`; it never blocks the event loop (tokenization runs in a thread
+pool, the forward pass on the batcher's inference thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedfleet.api import errors
+from embedfleet.api.schemas import TruncationDirection
+from embedfleet.engine.backends.base import Backend, Output
+from embedfleet.engine.batching import Batcher, RowResult
+from embedfleet.engine.metrics import EngineMetrics
+from embedfleet.engine.model import ModelInfo, Task
+from embedfleet.engine.tokenization import Encoded, Tokenization
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request and batch limits of a replica."""
+
+    max_batch_tokens: int = 16384
+    max_batch_requests: int = 512
+    max_client_batch_size: int = 32
+    max_concurrent_requests: int = 512
+    auto_truncate: bool = False
+    tokenization_workers: int = 2
+
+
+@dataclass
+class Stats:
+    """What one request cost; becomes TEI's x-compute-* and x-*-time headers."""
+
+    characters: int = 0
+    tokens: int = 0
+    tokenization_time: float = 0.0
+    queue_time: float = 0.0
+    inference_time: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _route(task: Task) -> str:
+    return {Task.EMBEDDING: "/embed", Task.SPARSE: "/embed_sparse", Task.RERANKER: "/rerank",
+            Task.CLASSIFIER: "/predict"}[task]
+
+
+class Engine:
+    """One model served: tokenizer, backend, batcher, metrics and limits."""
+
+    def __init__(self, info: ModelInfo, backend: Backend, limits: Limits,
+                 metrics: EngineMetrics | None = None) -> None:
+        if info.max_input_length > limits.max_batch_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({limits.max_batch_tokens}) must be at least the model's "
+                f"max input length ({info.max_input_length})"
+            )
+        self.info = info
+        self.backend = backend
+        self.limits = limits
+        self.metrics = metrics or EngineMetrics()
+        self.tokenization = Tokenization(info.path, info.max_input_length, info.prompts, info.default_prompt_name)
+        self._tokenize_pool = ThreadPoolExecutor(limits.tokenization_workers, thread_name_prefix="tokenize")
+        self.batcher = Batcher(backend, limits.max_batch_tokens, limits.max_batch_requests, self.metrics)
+        self._in_flight = 0
+
+    def start(self) -> None:
+        """Start batching (call from the event loop)."""
+        self.batcher.start()
+
+    async def close(self) -> None:
+        """Stop batching and the worker threads."""
+        await self.batcher.close()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Admit one request, or fail at once with 429 when too many are in flight."""
+        if self._in_flight >= self.limits.max_concurrent_requests:
+            raise errors.overloaded()
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+
+    # ----- validation helpers -----
+
+    def _require(self, *tasks: Task, route: str) -> None:
+        if self.info.task not in tasks:
+            raise errors.backend(
+                f"`{route}` is not available for {self.info.model_id}: it is a {self.info.task.value} model "
+                f"(use `{_route(self.info.task)}`)"
+            )
+
+    def check_batch(self, n: int) -> None:
+        """Empty and over-large batches are rejected before any work."""
+        if n == 0:
+            raise errors.empty()
+        if n > self.limits.max_client_batch_size:
+            raise errors.validation(
+                f"batch size {n} > maximum allowed batch size {self.limits.max_client_batch_size}"
+            )
+
+    def _truncate(self, truncate: bool | None) -> bool:
+        return self.limits.auto_truncate if truncate is None else truncate
+
+    async def _encode(self, inputs: Sequence[str | list[int]], truncate: bool | None,
+                      direction: TruncationDirection, stats: Stats, prompt_name: str | None = None,
+                      pairs: Sequence[str] | None = None) -> list[Encoded]:
+        for i, x in enumerate(inputs):
+            if isinstance(x, str) and x == "" and pairs is None:
+                raise errors.empty(f"`inputs` cannot be empty (input {i} is an empty string)")
+        texts: Sequence[str | list[int]] = inputs
+        if prompt_name is not None or self.tokenization.default_prompt_name is not None:
+            plain = [x for x in inputs if isinstance(x, str)]
+            prompted = iter(self.tokenization.apply_prompt(plain, prompt_name))
+            texts = [next(prompted) if isinstance(x, str) else x for x in inputs]
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            self._tokenize_pool, self.tokenization.encode, texts, self._truncate(truncate), direction, pairs
+        )
+        stats.tokenization_time = time.perf_counter() - started
+        stats.tokens = sum(e.length for e in encoded)
+        stats.characters = sum(e.characters for e in encoded)
+        self.metrics.tokenization_duration.observe(stats.tokenization_time)
+        for e in encoded:
+            self.metrics.input_length.observe(e.length)
+        return encoded
+
+    async def _run(self, encoded: list[Encoded], output: Output, stats: Stats, method: str) -> list[RowResult]:
+        self.metrics.embed_count.labels(method).inc(len(encoded))
+        rows = await self.batcher.submit(encoded, output)
+        self.metrics.embed_success.labels(method).inc(len(encoded))
+        stats.queue_time = max(r.queue_time for r in rows)
+        stats.inference_time = max(r.inference_time for r in rows)
+        self.metrics.queue_duration.observe(stats.queue_time)
+        self.metrics.inference_duration.observe(stats.inference_time)
+        return rows
+
+    # ----- tasks -----
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """Matryoshka truncation must keep at least one and at most all dimensions."""
+        if dimensions is None:
+            return
+        if dimensions == 0:
+            raise errors.validation("`dimensions` must be a positive integer")
+        if dimensions > self.info.dimension:
+            raise errors.validation(
+                f"`dimensions` is set to {dimensions} but the model only has {self.info.dimension} dimensions"
+            )
+
+    async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
+                    direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
+                    dimensions: int | None = None, stats: Stats | None = None) -> np.ndarray:
+        """Pooled embeddings [N, D] (float32), cut to ``dimensions`` and then normalised if asked."""
+        stats = stats or Stats()
+        self._require(Task.EMBEDDING, route="/embed")
+        self.check_batch(len(inputs))
+        self.check_dimensions(dimensions)
+        encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
+        rows = await self._run(encoded, Output.POOLED, stats, "embed")
+        vectors = np.stack([r.value for r in rows])
+        if dimensions is not None:
+            vectors = np.ascontiguousarray(vectors[:, :dimensions])
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors.astype(np.float32, copy=False)
+
+    async def embed_all(self, inputs: Sequence[str | list[int]], *, truncate: bool | None = None,
+                        direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
+                        stats: Stats | None = None) -> list[np.ndarray]:
+        """Token embeddings, one [T, H] array per input (special tokens included)."""
+        stats = stats or Stats()
+        self._require(Task.EMBEDDING, route="/embed_all")
+        self.check_batch(len(inputs))
+        encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
+        return [r.value for r in await self._run(encoded, Output.TOKENS, stats, "embed_all")]
+
+    async def embed_sparse(self, inputs: Sequence[str | list[int]], *, truncate: bool | None = None,
+                           direction: TruncationDirection = TruncationDirection.RIGHT,
+                           prompt_name: str | None = None,
+                           stats: Stats | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SPLADE vectors as (indices, values) of the non-zero entries, per input."""
+        stats = stats or Stats()
+        self._require(Task.SPARSE, route="/embed_sparse")
+        self.check_batch(len(inputs))
+        encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
+        out = []
+        for r in await self._run(encoded, Output.SPARSE, stats, "embed_sparse"):
+            idx = np.flatnonzero(r.value > 0)
+            out.append((idx, r.value[idx]))
+        return out
+
+    async def rerank(self, query: str, texts: Sequence[str], *, raw_scores: bool = False,
+                     truncate: bool | None = None, direction: TruncationDirection = TruncationDirection.RIGHT,
+                     stats: Stats | None = None) -> np.ndarray:
+        """One relevance score per text (sigmoid of the logit unless ``raw_scores``)."""
+        stats = stats or Stats()
+        self._require(Task.RERANKER, route="/rerank")
+        self.check_batch(len(texts))
+        encoded = await self._encode([query] * len(texts), truncate, direction, stats, pairs=list(texts))
+        rows = await self._run(encoded, Output.LOGITS, stats, "rerank")
+        logits = np.array([r.value[0] for r in rows], dtype=np.float32)
+        return logits if raw_scores else 1.0 / (1.0 + np.exp(-logits))
+
+    async def predict(self, inputs: Sequence[tuple[str, str | None]], *, raw_scores: bool = False,
+                      truncate: bool | None = None, direction: TruncationDirection = TruncationDirection.RIGHT,
+                      stats: Stats | None = None) -> list[np.ndarray]:
+        """Class scores per input (softmax, or sigmoid for a single-label model, unless ``raw_scores``)."""
+        stats = stats or Stats()
+        self._require(Task.CLASSIFIER, Task.RERANKER, route="/predict")
+        self.check_batch(len(inputs))
+        singles = [i for i, (_, b) in enumerate(inputs) if b is None]
+        doubles = [i for i, (_, b) in enumerate(inputs) if b is not None]
+        encoded: list[Encoded | None] = [None] * len(inputs)
+        for group, pairs in ((singles, None), (doubles, [str(inputs[i][1]) for i in doubles])):
+            if not group:
+                continue
+            part = Stats()
+            enc = await self._encode([inputs[i][0] for i in group], truncate, direction, part, pairs=pairs)
+            stats.tokens += part.tokens
+            stats.characters += part.characters
+            stats.tokenization_time += part.tokenization_time
+            for i, e in zip(group, enc, strict=True):
+                encoded[i] = e
+        rows = await self._run([e for e in encoded if e is not None], Output.LOGITS, stats, "predict")
+        out = []
+        for r in rows:
+            logits = r.value.astype(np.float64)
+            if raw_scores:
+                scores = logits
+            elif logits.shape[0] == 1:
+                scores = 1.0 / (1.0 + np.exp(-logits))
+            else:
+                e = np.exp(logits - logits.max())
+                scores = e / e.sum()
+            out.append(scores.astype(np.float32))
+        return out
+
+    async def similarity(self, source: str, sentences: Sequence[str], *, truncate: bool | None = None,
+                         direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
+                         stats: Stats | None = None) -> np.ndarray:
+        """Cosine similarity of each sentence to the source sentence."""
+        if not sentences:
+            raise errors.empty("`sentences` cannot be empty")
+        self.check_batch(len(sentences) + 1)
+        vectors = await self.embed([source, *sentences], normalize=True, truncate=truncate, direction=direction,
+                                   prompt_name=prompt_name, stats=stats)
+        scores: np.ndarray = vectors[1:] @ vectors[0]
+        return scores
+
+    # ----- tokenizer routes (run in the tokenization pool: they may be long) -----
+
+    async def tokenize(self, inputs: Sequence[str], add_special_tokens: bool,
+                       prompt_name: str | None) -> list[list[dict[str, object]]]:
+        """Tokens with ids, text, special flag and character offsets."""
+        self.check_batch(len(inputs))
+        texts = self.tokenization.apply_prompt(inputs, prompt_name)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._tokenize, texts, add_special_tokens)
+
+    def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list[list[dict[str, object]]]:
+        tok = self.tokenization.tokenizer
+        try:
+            encodings = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except Exception as exc:
+            raise errors.tokenizer(str(exc)) from exc
+        out = []
+        for text, enc in zip(texts, encodings, strict=True):
+            tokens = []
+            for tid, special, (start, stop) in zip(enc.ids, enc.special_tokens_mask, enc.offsets, strict=True):
+                is_special = bool(special)
+                tokens.append({
+                    "id": tid,
+                    "text": tok.id_to_token(tid) if is_special else text[start:stop],
+                    "special": is_special,
+                    "start": None if is_special else start,
+                    "stop": None if is_special else stop,
+                })
+            out.append(tokens)
+        return out
+
+    async def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool) -> list[str]:
+        """Token ids back to text."""
+        self.check_batch(len(ids))
+        for seq in ids:
+            for t in seq:
+                if t >= self.tokenization.vocab_size:
+                    raise errors.validation(f"token id {t} is out of range (vocabulary size "
+                                            f"{self.tokenization.vocab_size})")
+        loop = asyncio.get_running_loop()
+        tok = self.tokenization.tokenizer
+        try:
+            decoded: list[str] = await loop.run_in_executor(
+                self._tokenize_pool, lambda: tok.decode_batch([list(s) for s in ids],
+                                                              skip_special_tokens=skip_special_tokens))
+        except Exception as exc:
+            raise errors.tokenizer(str(exc)) from exc
+        return decoded

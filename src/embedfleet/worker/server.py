@@ -1,0 +1,84 @@
+"""Run a worker: listen at once, load the model in a thread, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import uvicorn
+
+from embedfleet.config import WorkerSettings
+from embedfleet.engine.backends import create_backend, resolve_device
+from embedfleet.engine.infer import Engine, Limits
+from embedfleet.engine.model import inspect
+from embedfleet.worker.app import WorkerState, create_app
+
+log = logging.getLogger("embedfleet.worker")
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    """Inspect the model, build its backend and engine (blocking: seconds to minutes)."""
+    info = inspect(settings.model, settings.revision, settings.pooling)
+    backend = create_backend(info, settings.backend, settings.device, settings.data_dir, dtype=settings.dtype,
+                             threads=settings.threads, quantize=settings.quantize)
+    backend.warmup()
+    limits = Limits(
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_requests=settings.max_batch_requests,
+        max_client_batch_size=settings.max_client_batch_size,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        auto_truncate=settings.auto_truncate,
+        tokenization_workers=settings.tokenization_workers,
+    )
+    return Engine(info, backend, limits)
+
+
+def summary(engine: Engine, settings: WorkerSettings, seconds: float) -> str:
+    """The start-up line: what is served, where, on what."""
+    i = engine.info
+    b = engine.backend
+    return (f"serving model={i.model_id} task={i.task.value} pooling={i.pooling.value if i.pooling else '-'} "
+            f"dim={i.dimension} max_input_length={i.max_input_length} backend={b.name} device={b.device} "
+            f"dtype={b.dtype} sha={i.sha[:12]} on http://{settings.host}:{settings.port} "
+            f"(loaded in {seconds:.1f}s)")
+
+
+def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
+    """The ASGI app; the model loads in the background once the server starts."""
+    state = WorkerState(settings.served_model_name, settings.payload_limit)
+    state.compute_type = "gpu" if resolve_device(settings.device).startswith("cuda") else "cpu"
+    loading: list[asyncio.Task[None]] = []
+
+    async def load() -> None:
+        started = time.perf_counter()
+        try:
+            engine = await asyncio.to_thread(build_engine, settings)
+        except Exception as exc:
+            state.error = f"model failed to load: {exc}"
+            log.error("%s", state.error, exc_info=not isinstance(exc, (ValueError, OSError)))
+            return
+        engine.start()
+        state.engine = engine
+        log.info("%s", summary(engine, settings, time.perf_counter() - started))
+
+    async def on_startup() -> None:
+        log.info("loading %s (backend=%s device=%s); /health is 503 until ready", settings.model,
+                 settings.backend, settings.device)
+        loading.append(asyncio.get_running_loop().create_task(load()))
+
+    async def on_shutdown() -> None:
+        for task in loading:
+            task.cancel()
+        if state.engine is not None:
+            await state.engine.close()
+
+    return create_app(state, on_startup, on_shutdown), state
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """Serve until interrupted."""
+    app, _ = create_worker_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
+                            access_log=False, timeout_graceful_shutdown=10, lifespan="on")
+    uvicorn.Server(config).run()
