@@ -96,17 +96,17 @@ class Engine:
 
     # ----- validation helpers -----
 
-    def _require(self, *tasks: Task, route: str) -> None:
+    def _require(self, *tasks: Task, message: str) -> None:
         if self.info.task not in tasks:
             raise errors.backend(
-                f"`{route}` is not available for {self.info.model_id}: it is a {self.info.task.value} model "
-                f"(use `{_route(self.info.task)}`)"
+                f"Backend error: {message} ({self.info.model_id} is a {self.info.task.value} model: "
+                f"use `{_route(self.info.task)}`)"
             )
 
-    def check_batch(self, n: int) -> None:
+    def check_batch(self, n: int, field: str = "inputs") -> None:
         """Empty and over-large batches are rejected before any work."""
         if n == 0:
-            raise errors.empty()
+            raise errors.empty(f"`{field}` cannot be empty")
         if n > self.limits.max_client_batch_size:
             raise errors.validation(
                 f"batch size {n} > maximum allowed batch size {self.limits.max_client_batch_size}"
@@ -120,7 +120,7 @@ class Engine:
                       pairs: Sequence[str] | None = None) -> list[Encoded]:
         for i, x in enumerate(inputs):
             if isinstance(x, str) and x == "" and pairs is None:
-                raise errors.empty(f"`inputs` cannot be empty (input {i} is an empty string)")
+                raise errors.empty("Input validation error: `inputs` cannot be empty")
         texts: Sequence[str | list[int]] = inputs
         if prompt_name is not None or self.tokenization.default_prompt_name is not None:
             plain = [x for x in inputs if isinstance(x, str)]
@@ -156,10 +156,11 @@ class Engine:
         if dimensions is None:
             return
         if dimensions == 0:
-            raise errors.validation("`dimensions` must be a positive integer")
+            raise errors.validation("Input validation error: `dimensions` should be positive")
         if dimensions > self.info.dimension:
             raise errors.validation(
-                f"`dimensions` is set to {dimensions} but the model only has {self.info.dimension} dimensions"
+                "Input validation error: `dimensions` should be smaller than the maximum embedding dimension "
+                f"({self.info.dimension})"
             )
 
     async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
@@ -167,11 +168,14 @@ class Engine:
                     dimensions: int | None = None, stats: Stats | None = None) -> np.ndarray:
         """Pooled embeddings [N, D] (float32), cut to ``dimensions`` and then normalised if asked."""
         stats = stats or Stats()
-        self._require(Task.EMBEDDING, route="/embed")
         self.check_batch(len(inputs))
+        self._require(Task.EMBEDDING, Task.SPARSE, message="Model is not an embedding model")
+        if self.info.task is Task.SPARSE and normalize:
+            raise errors.backend("Backend error: `normalize` is not available for SPLADE models")
         self.check_dimensions(dimensions)
         encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
-        rows = await self._run(encoded, Output.POOLED, stats, "embed")
+        output = Output.SPARSE if self.info.task is Task.SPARSE else Output.POOLED
+        rows = await self._run(encoded, output, stats, "embed")
         vectors = np.stack([r.value for r in rows])
         if dimensions is not None:
             vectors = np.ascontiguousarray(vectors[:, :dimensions])
@@ -185,8 +189,8 @@ class Engine:
                         stats: Stats | None = None) -> list[np.ndarray]:
         """Token embeddings, one [T, H] array per input (special tokens included)."""
         stats = stats or Stats()
-        self._require(Task.EMBEDDING, route="/embed_all")
         self.check_batch(len(inputs))
+        self._require(Task.EMBEDDING, message="Model is not an embedding model")
         encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
         return [r.value for r in await self._run(encoded, Output.TOKENS, stats, "embed_all")]
 
@@ -196,8 +200,8 @@ class Engine:
                            stats: Stats | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """SPLADE vectors as (indices, values) of the non-zero entries, per input."""
         stats = stats or Stats()
-        self._require(Task.SPARSE, route="/embed_sparse")
         self.check_batch(len(inputs))
+        self._require(Task.SPARSE, message="Model is not an embedding model with SPLADE pooling")
         encoded = await self._encode(inputs, truncate, direction, stats, prompt_name)
         out = []
         for r in await self._run(encoded, Output.SPARSE, stats, "embed_sparse"):
@@ -210,8 +214,8 @@ class Engine:
                      stats: Stats | None = None) -> np.ndarray:
         """One relevance score per text (sigmoid of the logit unless ``raw_scores``)."""
         stats = stats or Stats()
-        self._require(Task.RERANKER, route="/rerank")
-        self.check_batch(len(texts))
+        self.check_batch(len(texts), "texts")
+        self._require(Task.RERANKER, message="model is not a re-ranker model")
         encoded = await self._encode([query] * len(texts), truncate, direction, stats, pairs=list(texts))
         rows = await self._run(encoded, Output.LOGITS, stats, "rerank")
         logits = np.array([r.value[0] for r in rows], dtype=np.float32)
@@ -222,8 +226,8 @@ class Engine:
                       stats: Stats | None = None) -> list[np.ndarray]:
         """Class scores per input (softmax, or sigmoid for a single-label model, unless ``raw_scores``)."""
         stats = stats or Stats()
-        self._require(Task.CLASSIFIER, Task.RERANKER, route="/predict")
         self.check_batch(len(inputs))
+        self._require(Task.CLASSIFIER, Task.RERANKER, message="Model is not a classifier model")
         singles = [i for i, (_, b) in enumerate(inputs) if b is None]
         doubles = [i for i, (_, b) in enumerate(inputs) if b is not None]
         encoded: list[Encoded | None] = [None] * len(inputs)
@@ -256,7 +260,7 @@ class Engine:
                          stats: Stats | None = None) -> np.ndarray:
         """Cosine similarity of each sentence to the source sentence."""
         if not sentences:
-            raise errors.empty("`sentences` cannot be empty")
+            raise errors.empty("`inputs.sentences` cannot be empty")
         self.check_batch(len(sentences) + 1)
         vectors = await self.embed([source, *sentences], normalize=True, truncate=truncate, direction=direction,
                                    prompt_name=prompt_name, stats=stats)

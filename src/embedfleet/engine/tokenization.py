@@ -76,7 +76,10 @@ class Tokenization:
             return list(texts)
         if name not in self.prompts:
             known = ", ".join(sorted(self.prompts)) or "none"
-            raise errors.validation(f"Prompt name `{name}` was not found in the prompts (available: {known})")
+            raise errors.validation(
+                f"Input validation error: `prompt_name` is set to `{name}` but it was not found in the "
+                f"Sentence Transformers prompts. Available prompts: [{known}]"
+            )
         prefix = self.prompts[name]
         return [prefix + t for t in texts]
 
@@ -120,15 +123,15 @@ class Tokenization:
         if n > self.max_input_length:
             if not truncate:
                 raise errors.validation(
-                    f"`inputs` must have less than {self.max_input_length} tokens. Given: {n} "
-                    f"(input {index}); set `truncate: true` to cut it"
+                    f"Input validation error: `inputs` must have less than {self.max_input_length} tokens. "
+                    f"Given: {n} (input {index}; set `truncate: true` to cut it)"
                 )
             # Only token-id inputs reach here: text inputs were truncated by the tokenizer.
             keep = self.max_input_length
             ids = ids[n - keep:] if direction is TruncationDirection.LEFT else ids[:keep]
             type_ids = type_ids[:keep]
         if n == 0:
-            raise errors.empty("`inputs` cannot be empty")
+            raise errors.empty("Input validation error: `inputs` cannot be empty")
         return Encoded(
             ids=np.asarray(ids, dtype=np.int64),
             type_ids=np.asarray(type_ids, dtype=np.int64),

@@ -82,6 +82,10 @@ class WorkerState:
         return self.engine.info.model_id if self.engine else "unknown"
 
 
+def _is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/embeddings"
+
+
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
@@ -127,7 +131,7 @@ class BodyLimit:
             return
         limit = self.state.payload_limit
         declared = dict(scope["headers"]).get(b"content-length")
-        openai = scope["path"].startswith("/v1/")
+        openai = _is_openai(scope["path"])
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_error(send, errors.payload_too_large(limit), openai)
             return
@@ -189,7 +193,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     async def _embedfleet_error(request: Request, exc: EmbedfleetError) -> Response:
         if state.engine is not None:
             state.engine.metrics.request_failure.labels(exc.error_type.value.lower()).inc()
-        return Response(exc.render(request.url.path.startswith("/v1/")), status_code=exc.status,
+        return Response(exc.render(_is_openai(request.url.path)), status_code=exc.status,
                         media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
@@ -200,7 +204,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         err = EmbedfleetError(errors.ErrorType.VALIDATION, f"{exc.detail}: {request.method} {request.url.path}",
                               status=exc.status_code)
-        return Response(err.render(request.url.path.startswith("/v1/")), status_code=exc.status_code,
+        return Response(err.render(_is_openai(request.url.path)), status_code=exc.status_code,
                         media_type="application/json")
 
     @app.middleware("http")
@@ -336,6 +340,8 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     # ----- OpenAI -----
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS, tags=["OpenAI"])
+    @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS,
+              include_in_schema=False)
     async def openai_embeddings(req: OpenAIEmbeddingRequest) -> Response:
         """OpenAI-compatible embeddings (float or base64 little-endian float32)."""
 
@@ -387,6 +393,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
         })
 
     @app.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])
+    @app.get("/ping", include_in_schema=False)
     async def health() -> Response:
         """200 when the model is loaded and serving; 503 while loading or after a failure."""
         state.ready()
@@ -407,9 +414,10 @@ def _predict_inputs(value: str | list[str] | list[list[str]]) -> tuple[list[tupl
     if isinstance(value, str):
         return [(value, None)], True
     if value and all(isinstance(v, str) for v in value):
-        if len(value) != 2:
-            raise errors.validation("a pair must have exactly 2 texts; use [[text], ...] for a batch")
-        return [(str(value[0]), str(value[1]))], True
+        if len(value) > 2:
+            raise errors.validation("`inputs` must be a string, a pair of strings or a batch of mixed strings "
+                                    "and pairs [[string], [string, string], ...]")
+        return [(str(value[0]), str(value[1]) if len(value) == 2 else None)], True
     batch: list[tuple[str, str | None]] = []
     for i, item in enumerate(value):
         if not isinstance(item, list) or not 1 <= len(item) <= 2:

@@ -132,12 +132,15 @@ def _optimize(info: ModelInfo, source: Path, target: Path) -> bool:
 
 
 def _quantize(source: Path, target: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Per-channel U8 weights on MatMul only: the default settings (S8, per-tensor, all ops) lose
     # too much accuracy on AVX2 CPUs, where the u8s8 kernels saturate.
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"])
+                     op_types_to_quantize=["MatMul"],
+                     # Fused contrib ops (Attention, SkipLayerNorm) defeat ONNX shape inference.
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optimize: bool = True) -> Path:

@@ -1,0 +1,121 @@
+"""Test helpers: a real worker process on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+START_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class WorkerProcess:
+    """``embedfleet worker`` in a subprocess, waited for with a deadline and always stopped."""
+
+    def __init__(self, args: list[str], data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.data_dir = data_dir
+        self.log_path = log_dir / "worker.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        """Start; with ``wait``, block until /health is 200 (fail with the log if it never is)."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        cmd = [sys.executable, "-m", "embedfleet.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), *self.args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Poll /health until 200, the process dies, or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not healthy after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        """What the worker printed."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def post(self, route: str, body: Any, **kwargs: Any) -> httpx.Response:
+        """POST JSON to the worker."""
+        return httpx.post(f"{self.url}{route}", json=body, timeout=60, **kwargs)
+
+    def get(self, route: str) -> httpx.Response:
+        """GET from the worker."""
+        return httpx.get(f"{self.url}{route}", timeout=30)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from /metrics (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def load_openapi() -> dict[str, Any]:
+    """TEI's OpenAPI document (copied into tests/data)."""
+    spec: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "tei-openapi.json").read_text())
+    return spec
+
+
+def validate_schema(instance: Any, schema_name: str) -> None:
+    """Validate a response body against one of TEI's component schemas (OpenAPI 3.0 rules)."""
+    from openapi_schema_validator import OAS30Validator
+
+    spec = load_openapi()
+    schema = dict(spec["components"]["schemas"][schema_name])
+    schema["components"] = spec["components"]
+    OAS30Validator(schema).validate(instance)
