@@ -1,0 +1,124 @@
+"""Bad input: each case has its status code and error type, in TEI's (or OpenAI's) schema; never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import WorkerProcess, validate_schema
+
+pytestmark = pytest.mark.slow
+
+LONG = " ".join(f"t{i}" for i in range(600))
+
+CASES: list[tuple[str, str, Any, int, str]] = [
+    ("empty list", "/embed", {"inputs": []}, 400, "Empty"),
+    ("empty string", "/embed", {"inputs": ""}, 400, "Empty"),
+    ("empty string in batch", "/embed", {"inputs": ["a", ""]}, 400, "Empty"),
+    ("too many inputs", "/embed", {"inputs": ["a"] * 33}, 422, "Validation"),
+    ("number instead of text", "/embed", {"inputs": 5}, 422, "Validation"),
+    ("missing inputs", "/embed", {"normalize": True}, 422, "Validation"),
+    ("normalize not bool", "/embed", {"inputs": "a", "normalize": "yes"}, 422, "Validation"),
+    ("negative token id", "/embed", {"inputs": [-1, 5]}, 422, "Validation"),
+    ("token id out of vocab", "/embed", {"inputs": [101, 999999, 102]}, 422, "Validation"),
+    ("too long", "/embed", {"inputs": LONG}, 422, "Validation"),
+    ("bad truncation direction", "/embed", {"inputs": "a", "truncation_direction": "up"}, 422, "Validation"),
+    ("dimensions zero", "/embed", {"inputs": "a", "dimensions": 0}, 422, "Validation"),
+    ("dimensions too big", "/embed", {"inputs": "a", "dimensions": 385}, 422, "Validation"),
+    ("prompt unknown", "/embed", {"inputs": "a", "prompt_name": "query"}, 422, "Validation"),
+    ("rerank on embedder", "/rerank", {"query": "a", "texts": ["b"]}, 424, "Backend"),
+    ("rerank empty texts", "/rerank", {"query": "a", "texts": []}, 400, "Empty"),
+    ("sparse on embedder", "/embed_sparse", {"inputs": "a"}, 424, "Backend"),
+    ("predict on embedder", "/predict", {"inputs": "a"}, 424, "Backend"),
+    ("similarity empty", "/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, 400, "Empty"),
+    ("tokenize wrong type", "/tokenize", {"inputs": {"a": 1}}, 422, "Validation"),
+    ("decode empty batch", "/decode", {"ids": []}, 400, "Empty"),
+]
+
+
+@pytest.mark.parametrize("name,route,body,status,error_type", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(worker: WorkerProcess, name: str, route: str, body: Any, status: int, error_type: str) -> None:
+    r = worker.post(route, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error_type"] == error_type
+    validate_schema(r.json(), "ErrorResponse")
+
+
+RAW_CASES: list[tuple[str, bytes, dict[str, str], int]] = [
+    ("malformed json", b'{"inputs": ', {"content-type": "application/json"}, 422),
+    ("not an object", b"[1, 2", {"content-type": "application/json"}, 422),
+    ("binary garbage", b"\xff\xfe\x00garbage", {"content-type": "application/json"}, 422),
+    ("empty body", b"", {"content-type": "application/json"}, 422),
+]
+
+
+@pytest.mark.parametrize("name,body,headers,status", RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_malformed_bodies(worker: WorkerProcess, name: str, body: bytes, headers: dict[str, str],
+                          status: int) -> None:
+    r = httpx.post(f"{worker.url}/embed", content=body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error_type"] == "Validation"
+    validate_schema(r.json(), "ErrorResponse")
+
+
+def test_body_over_limit_is_413(start_worker: object) -> None:
+    w: WorkerProcess = start_worker("--payload-limit", "1000", "--max-concurrent-requests", "2")  # type: ignore[operator]
+    big = {"inputs": "word " * 400}
+    r = w.post("/embed", big)
+    assert r.status_code == 413
+    validate_schema(r.json(), "ErrorResponse")
+
+    def chunks() -> Any:
+        yield b'{"inputs": "'
+        for _ in range(50):
+            yield b"word " * 10
+        yield b'"}'
+
+    streamed = httpx.post(f"{w.url}/embed", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 413
+    openai = w.post("/v1/embeddings", {"input": "word " * 400})
+    assert openai.status_code == 413
+    validate_schema(openai.json(), "OpenAICompatErrorResponse")
+    assert w.post("/embed", {"inputs": "small"}).status_code == 200
+
+
+def test_overload_gives_429_and_the_worker_recovers(start_worker: object) -> None:
+    import asyncio
+
+    w: WorkerProcess = start_worker("--max-concurrent-requests", "2")  # type: ignore[operator]
+    body = {"inputs": [" ".join(f"w{i}x{j}" for j in range(100)) for i in range(32)], "truncate": True}
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=w.url, timeout=120) as client:
+            rs = await asyncio.gather(*(client.post("/embed", json=body) for _ in range(12)))
+        for r in rs:
+            if r.status_code == 429:
+                assert r.json()["error_type"] == "Overloaded"
+        return [r.status_code for r in rs]
+
+    codes = asyncio.run(burst())
+    assert set(codes) == {200, 429}
+    assert codes.count(200) >= 2
+    assert w.post("/embed", {"inputs": "after the burst"}).status_code == 200
+
+
+def test_openai_errors_use_openai_shape(worker: WorkerProcess) -> None:
+    r = worker.post("/v1/embeddings", {"input": []})
+    assert r.status_code == 400
+    validate_schema(r.json(), "OpenAICompatErrorResponse")
+    assert r.json()["code"] == 400 and r.json()["error_type"] == "Empty"
+    r = worker.post("/v1/embeddings", {"input": "a", "encoding_format": "int8"})
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+
+
+def test_unknown_route_and_method(worker: WorkerProcess) -> None:
+    assert worker.post("/nope", {}).status_code == 404
+    assert worker.get("/embed").status_code == 405
+
+
+def test_worker_survives_all_bad_input(worker: WorkerProcess) -> None:
+    assert worker.get("/health").status_code == 200
+    assert worker.metric("te_request_failure_total") >= 1
+    assert worker.post("/embed", {"inputs": "still fine"}).status_code == 200
