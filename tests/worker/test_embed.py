@@ -133,9 +133,11 @@ def test_info_health_metrics_openapi(worker: WorkerProcess) -> None:
 
 
 def test_64_concurrent_mixed_requests_equal_sequential(worker: WorkerProcess) -> None:
-    words = "retrieval augmented generation needs fast embedding servers with caching".split()
-    bodies = [{"inputs": [" ".join(words[: 1 + (i * 5 + j) % len(words)] * (1 + (i + j) % 12)) for j in range(1 + i % 4)]}
-              for i in range(64)]
+    words = ["retrieval", "augmented", "generation", "needs", "fast", "embedding", "servers", "with", "caching"]
+    bodies = [
+        {"inputs": [" ".join(words[: 1 + (i * 5 + j) % len(words)] * (1 + (i + j) % 12)) for j in range(1 + i % 4)]}
+        for i in range(64)
+    ]
     sequential = [worker.post("/embed", b).json() for b in bodies]
 
     async def fire() -> list[httpx.Response]:

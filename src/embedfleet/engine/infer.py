@@ -118,9 +118,8 @@ class Engine:
     async def _encode(self, inputs: Sequence[str | list[int]], truncate: bool | None,
                       direction: TruncationDirection, stats: Stats, prompt_name: str | None = None,
                       pairs: Sequence[str] | None = None) -> list[Encoded]:
-        for i, x in enumerate(inputs):
-            if isinstance(x, str) and x == "" and pairs is None:
-                raise errors.empty("Input validation error: `inputs` cannot be empty")
+        if pairs is None and any(x == "" for x in inputs):
+            raise errors.empty("Input validation error: `inputs` cannot be empty")
         texts: Sequence[str | list[int]] = inputs
         if prompt_name is not None or self.tokenization.default_prompt_name is not None:
             plain = [x for x in inputs if isinstance(x, str)]
@@ -285,7 +284,7 @@ class Engine:
             raise errors.tokenizer(str(exc)) from exc
         out = []
         for text, enc in zip(texts, encodings, strict=True):
-            tokens = []
+            tokens: list[dict[str, object]] = []
             for tid, special, (start, stop) in zip(enc.ids, enc.special_tokens_mask, enc.offsets, strict=True):
                 is_special = bool(special)
                 tokens.append({

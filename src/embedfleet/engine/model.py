@@ -169,8 +169,7 @@ def _pooling_from_st(path: Path, modules: list[dict[str, Any]]) -> Pooling | Non
                 return Pooling.MEAN
             modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
             raise ModelError(f"pooling {modes} is not supported (supported: mean, cls, last_token, splade)")
-    cfg = _read_json(path / "1_Pooling" / "config.json")
-    if cfg is not None:
+    if (path / "1_Pooling" / "config.json").is_file():
         return _pooling_from_st(path, [{"type": "models.Pooling", "path": "1_Pooling"}])
     return None
 

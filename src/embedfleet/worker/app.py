@@ -34,8 +34,8 @@ from embedfleet.api.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     OpenAIErrorResponse,
-    PredictRequest,
     Prediction,
+    PredictRequest,
     Rank,
     RerankRequest,
     SimilarityRequest,
@@ -330,10 +330,10 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     @app.post("/decode", response_model=list[str], responses=_TEI_ERRORS, tags=["TEI"])
     async def decode(req: DecodeRequest) -> Response:
         """Token ids back to text."""
-        ids: list[list[int]] = [req.ids] if req.ids and isinstance(req.ids[0], int) else req.ids  # type: ignore[list-item]
+        ids = [req.ids] if req.ids and isinstance(req.ids[0], int) else req.ids
 
         async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.decode(ids, req.skip_special_tokens)
+            return await engine.decode(ids, req.skip_special_tokens)  # type: ignore[arg-type]
 
         return await _handle("decode", work)
 

@@ -205,7 +205,9 @@ class OnnxBackend(Backend):
         self.dtype = "int8" if quantize else "float32"
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ModelError("onnxruntime has no CUDA provider here: install onnxruntime-gpu or use --backend torch")
+                raise ModelError(
+                    "onnxruntime has no CUDA provider here: install onnxruntime-gpu or use --backend torch"
+                )
             index = device.partition(":")[2] or "0"
             providers: list[object] = [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
         else:

@@ -9,7 +9,7 @@ import torch
 
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.backends.module import ServingModule, load_transformer
-from embedfleet.engine.model import ModelError, ModelInfo, Task
+from embedfleet.engine.model import ModelError, ModelInfo
 
 log = logging.getLogger(__name__)
 
