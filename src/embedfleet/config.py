@@ -89,7 +89,9 @@ class WorkerSettings(_Settings):
     threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: all cores)")
     quantize: Literal["int8"] | None = None
     max_batch_tokens: int = Field(16384, ge=1)
-    max_batch_requests: int = Field(256, ge=1)
+    max_batch_requests: int | None = Field(
+        None, ge=1, description="inputs per batch (default: 32 on CPU, where bigger batches run slower; 256 on CUDA)"
+    )
     max_client_batch_size: int = Field(32, ge=1)
     max_concurrent_requests: int = Field(512, ge=1)
     auto_truncate: bool = False

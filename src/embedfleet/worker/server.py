@@ -23,9 +23,10 @@ def build_engine(settings: WorkerSettings) -> Engine:
     backend = create_backend(info, settings.backend, settings.device, settings.data_dir, dtype=settings.dtype,
                              threads=settings.threads, quantize=settings.quantize)
     backend.warmup()
+    max_batch_requests = settings.max_batch_requests or (256 if backend.device.startswith("cuda") else 32)
     limits = Limits(
         max_batch_tokens=settings.max_batch_tokens,
-        max_batch_requests=settings.max_batch_requests,
+        max_batch_requests=max_batch_requests,
         max_client_batch_size=settings.max_client_batch_size,
         max_concurrent_requests=settings.max_concurrent_requests,
         auto_truncate=settings.auto_truncate,

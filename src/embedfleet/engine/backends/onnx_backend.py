@@ -88,6 +88,8 @@ def _session(path: Path, threads: int | None, providers: list[str]) -> object:
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    # Idle intra-op threads would otherwise spin, starving the event loop and the tokenizer threads.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
