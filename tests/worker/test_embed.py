@@ -120,7 +120,9 @@ def test_info_health_metrics_openapi(worker: WorkerProcess) -> None:
     validate_schema(info, "Info")
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert (info["max_input_length"], info["dimension"], info["max_client_batch_size"]) == (256, 384, 32)
+    probes = worker.metric("te_batch_inference_success_total")
     assert worker.get("/health").status_code == 200
+    assert worker.metric("te_batch_inference_success_total") == probes + 1  # idle: a real one-input inference
     before = worker.metric("te_request_count_total", method="embed")
     worker.post("/embed", {"inputs": "count me"})
     assert worker.metric("te_request_count_total", method="embed") == before + 1

@@ -113,6 +113,12 @@ def test_openai_errors_use_openai_shape(worker: WorkerProcess) -> None:
     assert r.status_code == 422 and r.json()["error_type"] == "Validation"
 
 
+def test_validation_messages_name_the_field(worker: WorkerProcess) -> None:
+    msg = worker.post("/embed", {"inputs": 5}).json()["error"]
+    assert msg.startswith("Json deserialize error: `inputs`")
+    assert "`normalize`" in worker.post("/embed", {"inputs": "a", "normalize": "yes"}).json()["error"]
+
+
 def test_unknown_route_and_method(worker: WorkerProcess) -> None:
     assert worker.post("/nope", {}).status_code == 404
     assert worker.get("/embed").status_code == 405

@@ -63,6 +63,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self.busy = False
+        self.failed_in_a_row = 0
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -78,6 +79,11 @@ class Batcher:
                 w.future.set_exception(errors.unhealthy("the worker is shutting down"))
         self._waiting.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running."""
+        return not self.busy and not self._waiting
 
     @property
     def queue_size(self) -> int:
@@ -149,6 +155,7 @@ class Batcher:
                 except Exception as exc:
                     log.exception("batch of %d failed", len(batch))
                     self.metrics.batch_inference_failure.labels(output.value).inc()
+                    self.failed_in_a_row += 1
                     err = exc if isinstance(exc, errors.EmbedfleetError) else errors.backend(
                         f"inference failed: {exc}")
                     for w in batch:
@@ -158,6 +165,7 @@ class Batcher:
                 finally:
                     self.busy = False
                 elapsed = time.perf_counter() - started
+                self.failed_in_a_row = 0
                 m = self.metrics
                 m.batch_next_size.observe(len(batch))
                 m.batch_next_tokens.observe(padded)

@@ -94,6 +94,19 @@ class Engine:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
 
+    async def check_health(self, timeout: float = 30.0) -> None:
+        """Raise Unhealthy unless the backend can run. When idle, a one-input batch proves it (as TEI
+        does); while batches are running, their success is the proof and the check does not wait."""
+        if not self.batcher.idle:
+            if self.batcher.failed_in_a_row >= 3:
+                raise errors.unhealthy("the last batches failed")
+            return
+        probe = Encoded(ids=np.array([1, 2], dtype=np.int64), type_ids=np.zeros(2, dtype=np.int64), characters=0)
+        try:
+            await asyncio.wait_for(self.batcher.submit([probe], self.backend.default_output()), timeout)
+        except (TimeoutError, errors.EmbedfleetError) as exc:
+            raise errors.unhealthy(f"health check inference failed: {exc}") from exc
+
     # ----- validation helpers -----
 
     def _require(self, *tasks: Task, message: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -285,11 +284,3 @@ def inspect(spec: str, revision: str | None = None, pooling: str | None = None) 
     log.debug("model %s: %s", model_id, info)
     return info
 
-
-def data_dir() -> Path:
-    """Where embedfleet keeps exported models and other derived files."""
-    base = os.environ.get("EMBEDFLEET_DATA_DIR")
-    if base:
-        return Path(base).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "embedfleet"

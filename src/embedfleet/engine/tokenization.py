@@ -105,8 +105,8 @@ class Tokenization:
             except Exception as exc:  # the Rust tokenizer raises plain Exceptions
                 raise errors.tokenizer(str(exc)) from exc
             for i, enc in zip(text_idx, encodings, strict=True):
-                out[i] = self._check(enc.ids, enc.type_ids, len(batch_text(inputs[i], pairs, i)), truncate,
-                                     direction, i)
+                characters = len(str(inputs[i])) + (len(pairs[i]) if pairs is not None else 0)
+                out[i] = self._check(enc.ids, enc.type_ids, characters, truncate, direction, i)
         for i, x in enumerate(inputs):
             if isinstance(x, list):
                 for t in x:
@@ -138,9 +138,3 @@ class Tokenization:
             characters=characters,
         )
 
-
-def batch_text(item: str | list[int], pairs: Sequence[str] | None, index: int) -> str:
-    """The characters an input stands for (for the x-compute-characters header)."""
-    if not isinstance(item, str):
-        return ""
-    return item + (pairs[index] if pairs is not None else "")

@@ -158,12 +158,20 @@ async def _send_error(send: Send, err: EmbedfleetError, openai: bool) -> None:
 
 
 def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    """One readable line: the first problem of each field. A union type reports one error per variant
+    (``inputs.str``, ``inputs.list[...]``), so a field with several errors is named alone."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for err in exc.errors():
         if err.get("type") == "json_invalid":
             return f"Json deserialize error: {err.get('ctx', {}).get('error', 'invalid JSON')}"
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        grouped.setdefault(loc[0] if loc else "body", []).append(err)
+    parts = []
+    for field, errs in grouped.items():
+        loc = [str(p) for p in errs[0].get("loc", ()) if p != "body"]
+        path = ".".join(loc) if len(errs) == 1 and loc else field
+        detail = errs[0].get("msg") if len(errs) == 1 else "invalid type or value"
+        parts.append(f"`{path}`: {detail}")
     return "Json deserialize error: " + "; ".join(parts)
 
 
@@ -395,8 +403,8 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     @app.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])
     @app.get("/ping", include_in_schema=False)
     async def health() -> Response:
-        """200 when the model is loaded and serving; 503 while loading or after a failure."""
-        state.ready()
+        """200 when the model is loaded and can run; 503 while loading or when inference fails."""
+        await state.ready().check_health()
         return Response(status_code=200)
 
     @app.get("/metrics", tags=["TEI"])
