@@ -68,6 +68,9 @@ def worker(
 
     setup_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # Before torch loads OpenMP: idle OpenMP threads would spin and starve the event loop and the
+    # tokenizer (measured: torch bf16 over HTTP, long texts, 65 -> 118 embeddings/s on 2 cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run_worker(settings)
 
 

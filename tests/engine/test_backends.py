@@ -52,6 +52,14 @@ def test_backend_matches_sentence_transformers(name: str, reference: np.ndarray,
     assert cos.min() >= 0.9999, cos
 
 
+def test_torch_bf16_on_cpu_stays_close(data_dir: Path, reference: np.ndarray) -> None:
+    info = inspect("default")
+    backend = create_backend(info, "torch", "cpu", data_dir, dtype="bfloat16")
+    assert backend.dtype == "bfloat16"
+    cos = (_unit(_embed(backend, info, TEXTS)) * reference).sum(axis=1)
+    assert cos.min() >= 0.999, cos
+
+
 def test_int8_quantization_stays_close(data_dir: Path, reference: np.ndarray) -> None:
     info = inspect("default")
     backend = create_backend(info, "onnx", "cpu", data_dir, quantize="int8")

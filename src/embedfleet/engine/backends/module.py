@@ -40,6 +40,7 @@ def load_transformer(info: ModelInfo, attn_implementation: str, dtype: torch.dty
     """Load the Hugging Face model with the head the task needs."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     cls: Any
     if info.task is Task.EMBEDDING:
         cls = transformers.AutoModel
