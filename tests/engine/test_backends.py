@@ -11,7 +11,7 @@ import torch
 
 from embedfleet.engine.backends import create_backend
 from embedfleet.engine.backends.base import Output, PaddedBatch
-from embedfleet.engine.backends.onnx_backend import export, prepare
+from embedfleet.engine.backends.onnx_backend import export, int8_weight_type, prepare
 from embedfleet.engine.model import ModelInfo, inspect
 from embedfleet.engine.tokenization import Tokenization
 
@@ -64,6 +64,8 @@ def test_int8_quantization_stays_close(data_dir: Path, reference: np.ndarray) ->
     info = inspect("default")
     backend = create_backend(info, "onnx", "cpu", data_dir, quantize="int8")
     assert backend.dtype == "int8"
+    # s8 weights where the CPU has VNNI/AMX (fast, no saturation), u8 elsewhere; cached apart.
+    assert backend.path.name.endswith(f"-int8{int8_weight_type()}.onnx")  # type: ignore[attr-defined]
     cos = (_unit(_embed(backend, info, TEXTS)) * reference).sum(axis=1)
     # Typical texts stay near 0.995; a one-token input is the worst case (~0.985).
     assert cos.mean() >= 0.99, cos

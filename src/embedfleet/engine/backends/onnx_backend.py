@@ -133,14 +133,28 @@ def _optimize(info: ModelInfo, source: Path, target: Path) -> bool:
     return True
 
 
-def _quantize(source: Path, target: Path) -> None:
+def int8_weight_type() -> str:
+    """``s8`` where the CPU multiplies int8 with VNNI or AMX, ``u8`` elsewhere.
+
+    Without VNNI, x86 int8 kernels multiply u8 activations by s8 weights with an instruction that
+    saturates (vpmaddubsw), which costs real accuracy; u8 weights avoid it. With VNNI or AMX-INT8
+    there is no saturation, and s8 weights take the fast AMX path (measured on a 2-core AMX Xeon:
+    1.55x the u8 speed at the same cosine to fp32).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "u8"
+    return "s8" if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else "u8"
+
+
+def _quantize(source: Path, target: Path, weights: str) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Per-channel U8 weights on MatMul only: the default settings (S8, per-tensor, all ops) lose
-    # too much accuracy on AVX2 CPUs, where the u8s8 kernels saturate.
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QUInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"],
+    # Dynamic quantization, per-channel weights, MatMul only (quantizing every op loses accuracy).
+    quantize_dynamic(str(source), str(target), per_channel=True, op_types_to_quantize=["MatMul"],
+                     weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8,
                      # Fused contrib ops (Attention, SkipLayerNorm) defeat ONNX shape inference.
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
@@ -180,11 +194,12 @@ def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optim
             return base
         if quantize != "int8":
             raise ModelError(f"quantize {quantize!r} is not supported (only int8)")
-        quantized = base.with_name(base.stem + "-int8.onnx")
+        weights = int8_weight_type()
+        quantized = base.with_name(f"{base.stem}-int8{weights}.onnx")
         if not quantized.exists():
             tmp = _atomic_target(quantized)
             try:
-                _quantize(base, tmp)
+                _quantize(base, tmp, weights)
                 os.replace(tmp, quantized)
             finally:
                 tmp.unlink(missing_ok=True)
