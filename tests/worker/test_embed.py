@@ -177,3 +177,13 @@ def test_health_answers_while_a_long_batch_runs(worker: WorkerProcess) -> None:
 
     health_t, embed_t = asyncio.run(run())
     assert 0 < health_t < embed_t
+
+
+def test_auto_truncate_flag(start_worker: object) -> None:
+    w: WorkerProcess = start_worker("--auto-truncate")  # type: ignore[operator]
+    long_text = " ".join(f"token{i}" for i in range(400))
+    r = w.post("/embed", {"inputs": long_text})
+    assert r.status_code == 200 and int(r.headers["x-compute-tokens"]) == 256
+    assert w.get("/info").json()["auto_truncate"] is True
+    refused = w.post("/embed", {"inputs": long_text, "truncate": False})  # the request's own choice wins
+    assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
