@@ -1,0 +1,75 @@
+"""Cache keys: a BLAKE2b hash over a versioned schema of model, parameters and text.
+
+Stored keys are ``model tag (8 bytes) + entry hash (32 bytes)``. The entry hash already covers the
+model; the tag in front lets a store count or delete one model's entries by prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+KEY_SCHEMA_VERSION = 1
+MODEL_TAG_BYTES = 8
+ENTRY_HASH_BYTES = 32
+KEY_BYTES = MODEL_TAG_BYTES + ENTRY_HASH_BYTES
+
+
+def _field(value: str | None) -> bytes:
+    """Length-prefixed UTF-8 (None and "" differ), so no two field lists encode alike."""
+    if value is None:
+        return b"\xff\xff\xff\xff"
+    data = value.encode("utf-8")
+    return struct.pack("<I", len(data)) + data
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies a model's outputs, as its upstream's /info reports it."""
+
+    model_id: str
+    revision: str | None
+    task: str
+    pooling: str | None
+
+    def encode(self) -> bytes:
+        """Canonical bytes of the fingerprint."""
+        return b"".join(_field(v) for v in (self.model_id, self.revision, self.task, self.pooling))
+
+    @property
+    def tag(self) -> bytes:
+        """The 8-byte prefix of this model's stored keys."""
+        return hashlib.blake2b(self.encode(), digest_size=MODEL_TAG_BYTES, person=b"embedfleet-model").digest()
+
+    @property
+    def name(self) -> str:
+        """A readable id for stats and logs: ``model_id@revision``."""
+        return f"{self.model_id}@{self.revision}" if self.revision else self.model_id
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    """Every request parameter that changes the vector. ``truncate`` is the effective value."""
+
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: str = "right"
+    prompt_name: str | None = None
+    dimensions: int | None = None
+
+    def encode(self) -> bytes:
+        """Canonical bytes of the parameters."""
+        dims = -1 if self.dimensions is None else self.dimensions
+        return (struct.pack("<??q", self.normalize, self.truncate, dims)
+                + _field(self.truncation_direction.lower()) + _field(self.prompt_name))
+
+
+def cache_key(model: ModelFingerprint, params: EmbedParams, text: str) -> bytes:
+    """The stored key of one text's vector: model tag + BLAKE2b-256 of (schema version, model, params, text)."""
+    h = hashlib.blake2b(digest_size=ENTRY_HASH_BYTES, person=b"embedfleet-key")
+    h.update(struct.pack("<H", KEY_SCHEMA_VERSION))
+    h.update(model.encode())
+    h.update(params.encode())
+    h.update(_field(text))
+    return model.tag + h.digest()

@@ -1,0 +1,69 @@
+"""Keys change with every output-changing input; values detect corruption and expiry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, decode, encode
+from embedfleet.cache.keys import KEY_BYTES, MODEL_TAG_BYTES
+
+MODEL = ModelFingerprint("sentence-transformers/all-MiniLM-L6-v2", "aad5016", "embedding", "mean")
+PARAMS = EmbedParams()
+
+
+def test_key_shape_and_stability() -> None:
+    key = cache_key(MODEL, PARAMS, "hello")
+    assert len(key) == KEY_BYTES
+    assert key[:MODEL_TAG_BYTES] == MODEL.tag
+    assert cache_key(MODEL, PARAMS, "hello") == key
+
+
+@pytest.mark.parametrize("change", [
+    {"model_id": "BAAI/bge-small-en-v1.5"}, {"revision": "other"}, {"revision": None}, {"task": "sparse"},
+    {"pooling": "cls"},
+])
+def test_any_model_change_changes_the_key(change: dict[str, object]) -> None:
+    other = dataclasses.replace(MODEL, **change)  # type: ignore[arg-type]
+    assert cache_key(other, PARAMS, "hello") != cache_key(MODEL, PARAMS, "hello")
+
+
+@pytest.mark.parametrize("change", [
+    {"normalize": False}, {"truncate": True}, {"truncation_direction": "left"}, {"prompt_name": "query"},
+    {"prompt_name": ""}, {"dimensions": 128},
+])
+def test_any_parameter_change_changes_the_key(change: dict[str, object]) -> None:
+    other = dataclasses.replace(PARAMS, **change)  # type: ignore[arg-type]
+    assert cache_key(MODEL, other, "hello") != cache_key(MODEL, PARAMS, "hello")
+
+
+def test_texts_are_exact() -> None:
+    keys = {cache_key(MODEL, PARAMS, t) for t in ["hello", "hello ", "Hello", "héllo", "he\u0301llo", ""]}
+    assert len(keys) == 6
+    # Field boundaries cannot be forged by moving text between fields.
+    assert cache_key(MODEL, EmbedParams(prompt_name="a"), "b") != cache_key(MODEL, EmbedParams(prompt_name="ab"), "")
+
+
+def test_codec_round_trips_exact_bytes() -> None:
+    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    back = decode(encode(v))
+    assert back is not None and back.tobytes() == v.tobytes()
+    unnormalised = v * 7.5
+    assert decode(encode(unnormalised)).tobytes() == unnormalised.tobytes()  # type: ignore[union-attr]
+
+
+def test_corrupt_torn_or_expired_values_are_misses() -> None:
+    blob = bytearray(encode(np.arange(8, dtype=np.float32), expires_at=0))
+    assert decode(bytes(blob)) is not None
+    flipped = bytearray(blob)
+    flipped[-1] ^= 0x01
+    assert decode(bytes(flipped)) is None
+    assert decode(bytes(blob[:-4])) is None  # torn
+    assert decode(b"garbage") is None
+    assert decode(None) is None
+    assert decode(b"XXXX" + bytes(blob[4:])) is None
+    expiring = encode(np.ones(4, dtype=np.float32), expires_at=1000.0)
+    assert decode(expiring, now=999.0) is not None
+    assert decode(expiring, now=1000.0) is None
