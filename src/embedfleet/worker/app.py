@@ -15,15 +15,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-import orjson
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI, Response
 
 from embedfleet import __version__
 from embedfleet.api import errors
 from embedfleet.api.errors import EmbedfleetError
+from embedfleet.api.http import BodyLimit, install_error_handlers, json_response
 from embedfleet.api.schemas import (
     DecodeRequest,
     EmbedAllRequest,
@@ -82,15 +79,6 @@ class WorkerState:
         return self.engine.info.model_id if self.engine else "unknown"
 
 
-def _is_openai(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/embeddings"
-
-
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
 def _timing_headers(state: WorkerState, stats: Stats) -> dict[str, str]:
     total = time.perf_counter() - stats.started
 
@@ -118,63 +106,6 @@ def _inputs(value: str | list[Any]) -> list[str | list[int]]:
     return list(value)
 
 
-class BodyLimit:
-    """ASGI middleware: bodies over the limit get 413 before they are read into memory."""
-
-    def __init__(self, app: ASGIApp, state: WorkerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.state.payload_limit
-        declared = dict(scope["headers"]).get(b"content-length")
-        openai = _is_openai(scope["path"])
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_error(send, errors.payload_too_large(limit), openai)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    # An HTTPException survives FastAPI's body reading (others become a 400).
-                    raise StarletteHTTPException(413, errors.payload_too_large(limit).message)
-            return message
-
-        await self.app(scope, limited, send)
-
-
-async def _send_error(send: Send, err: EmbedfleetError, openai: bool) -> None:
-    body = err.render(openai)
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    """One readable line: the first problem of each field. A union type reports one error per variant
-    (``inputs.str``, ``inputs.list[...]``), so a field with several errors is named alone."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return f"Json deserialize error: {err.get('ctx', {}).get('error', 'invalid JSON')}"
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        grouped.setdefault(loc[0] if loc else "body", []).append(err)
-    parts = []
-    for field, errs in grouped.items():
-        loc = [str(p) for p in errs[0].get("loc", ()) if p != "body"]
-        path = ".".join(loc) if len(errs) == 1 and loc else field
-        detail = errs[0].get("msg") if len(errs) == 1 else "invalid type or value"
-        parts.append(f"`{path}`: {detail}")
-    return "Json deserialize error: " + "; ".join(parts)
-
-
 def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | None = None,
                on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The worker's FastAPI application over ``state``."""
@@ -195,37 +126,13 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
         version=__version__,
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, state=state)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=state.payload_limit)  # type: ignore[arg-type]
 
-    @app.exception_handler(EmbedfleetError)
-    async def _embedfleet_error(request: Request, exc: EmbedfleetError) -> Response:
+    def _count_failure(exc: EmbedfleetError) -> None:
         if state.engine is not None:
             state.engine.metrics.request_failure.labels(exc.error_type.value.lower()).inc()
-        return Response(exc.render(_is_openai(request.url.path)), status_code=exc.status,
-                        media_type="application/json")
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return await _embedfleet_error(request, errors.validation(_validation_message(exc)))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        err = EmbedfleetError(errors.ErrorType.VALIDATION, f"{exc.detail}: {request.method} {request.url.path}",
-                              status=exc.status_code)
-        return Response(err.render(_is_openai(request.url.path)), status_code=exc.status_code,
-                        media_type="application/json")
-
-    @app.middleware("http")
-    async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        if access_log.isEnabledFor(logging.DEBUG):
-            access_log.debug(
-                "request", extra={"method": request.method, "path": request.url.path,
-                                  "status": response.status_code,
-                                  "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                                  "tokens": response.headers.get("x-compute-tokens")})
-        return response
+    install_error_handlers(app, _count_failure, access_log)
 
     async def _handle(name: str, work: Callable[[Engine, Stats], Awaitable[Any]]) -> Response:
         engine = state.ready()
@@ -236,7 +143,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
             body = await work(engine, stats)
         m.request_success.labels(name).inc()
         m.request_duration.labels(name).observe(time.perf_counter() - stats.started)
-        return _json(body, headers=_timing_headers(state, stats))
+        return json_response(body, headers=_timing_headers(state, stats))
 
     # ----- TEI routes -----
 
@@ -371,7 +278,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
     async def openai_models() -> Response:
         """The one model this worker serves."""
         state.ready()
-        return _json({"object": "list", "data": [
+        return json_response({"object": "list", "data": [
             {"id": state.model_name, "object": "model", "created": 0, "owned_by": "embedfleet"}]})
 
     # ----- operations -----
@@ -388,7 +295,7 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
             labels = {"id2label": {str(k): v for k, v in i.id2label.items()},
                       "label2id": {v: k for k, v in i.id2label.items()}}
             model_type = {i.task.value: labels}
-        return _json({
+        return json_response({
             "model_id": i.model_id, "model_sha": i.sha, "model_dtype": engine.backend.dtype,
             "model_type": model_type, "served_model_name": state.model_name,
             "max_concurrent_requests": lim.max_concurrent_requests, "max_input_length": i.max_input_length,
