@@ -26,13 +26,16 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """``embedfleet worker`` in a subprocess, waited for with a deadline and always stopped."""
+    """``embedfleet worker`` (or another command) in a subprocess, waited for with a deadline, always stopped."""
 
-    def __init__(self, args: list[str], data_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    command = "worker"
+
+    def __init__(self, args: list[str], data_dir: Path, log_dir: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
         self.args = args
         self.data_dir = data_dir
         self.log_path = log_dir / "worker.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -40,13 +43,16 @@ class WorkerProcess:
     def start(self, wait: bool = True) -> WorkerProcess:
         """Start; with ``wait``, block until /health is 200 (fail with the log if it never is)."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
-        cmd = [sys.executable, "-m", "embedfleet.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), *self.args]
-        with open(self.log_path, "wb") as log:
+        cmd = [sys.executable, "-m", "embedfleet.cli", self.command, "--host", "127.0.0.1", "--port", str(self.port),
+               *self._extra_args(), *self.args]
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_healthy()
         return self
+
+    def _extra_args(self) -> list[str]:
+        return ["--data-dir", str(self.data_dir)]
 
     def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
         """Poll /health until 200, the process dies, or the deadline passes."""
@@ -71,6 +77,10 @@ class WorkerProcess:
         """POST JSON to the worker."""
         return httpx.post(f"{self.url}{route}", json=body, timeout=60, **kwargs)
 
+    def request_delete(self, route: str = "/cache") -> int:
+        """DELETE a route; returns the status."""
+        return httpx.delete(f"{self.url}{route}", timeout=30).status_code
+
     def get(self, route: str) -> httpx.Response:
         """GET from the worker."""
         return httpx.get(f"{self.url}{route}", timeout=30)
@@ -85,6 +95,12 @@ class WorkerProcess:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
         return total
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s."""
@@ -103,6 +119,15 @@ class WorkerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class GatewayProcess(WorkerProcess):
+    """``embedfleet gateway`` in a subprocess; ``args`` carry --upstream and --cache."""
+
+    command = "gateway"
+
+    def _extra_args(self) -> list[str]:
+        return ["--health-interval", "0.2"]
 
 
 def load_openapi() -> dict[str, Any]:

@@ -28,6 +28,13 @@ def default_data_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "embedfleet"
 
 
+def default_cache_url() -> str:
+    """The embedded LMDB store under the user's data dir (it is data, not a throwaway cache)."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return f"lmdb://{base / 'embedfleet' / 'cache'}"
+
+
 def load_config_table(path: str | Path | None, table: str) -> dict[str, Any]:
     """One table of the TOML config file; {} when there is no file."""
     explicit = path or os.environ.get("EMBEDFLEET_CONFIG")
@@ -113,3 +120,30 @@ class WorkerSettings(_Settings):
         if self.quantize and self.backend == "torch":
             raise ValueError("--quantize int8 needs the onnx backend")
         return self
+
+
+class GatewaySettings(_Settings):
+    """Settings of the gateway (``embedfleet gateway``)."""
+
+    upstream: list[str] = Field(default_factory=list, description="worker or TEI URL, repeated (NAME=URL allowed)")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    cache: str = Field(default_factory=default_cache_url,
+                       description="lmdb://PATH, redis://HOST:PORT/DB, qdrant://HOST:PORT, memory://, none")
+    memory_cache_bytes: int = Field(256 * 1024 * 1024, ge=1, description="bound of the in-process LRU tier")
+    cache_ttl: float | None = Field(None, gt=0, description="seconds an entry lives (default: forever)")
+    max_client_batch_size: int = Field(2048, ge=1, description="inputs per request; split across upstreams")
+    payload_limit: int = Field(32_000_000, ge=1, description="largest request body in bytes")
+    upstream_timeout: float = Field(60.0, gt=0)
+    health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
+    store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstreams(cls, value: list[str]) -> list[str]:
+        names = {u.partition("=")[0] for u in value if "=" in u.split("://")[0]}
+        if len(names) > 1:
+            raise ValueError("several models (NAME=URL with different names) are not supported yet: one pool")
+        return value

@@ -48,6 +48,10 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _article(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _route(task: Task) -> str:
     return {Task.EMBEDDING: "/embed", Task.SPARSE: "/embed_sparse", Task.RERANKER: "/rerank",
             Task.CLASSIFIER: "/predict"}[task]
@@ -112,7 +116,7 @@ class Engine:
     def _require(self, *tasks: Task, message: str) -> None:
         if self.info.task not in tasks:
             raise errors.backend(
-                f"Backend error: {message} ({self.info.model_id} is a {self.info.task.value} model: "
+                f"Backend error: {message} ({self.info.model_id} is {_article(self.info.task.value)} model: "
                 f"use `{_route(self.info.task)}`)"
             )
 

@@ -1,0 +1,152 @@
+"""Two tiers: a bounded in-process LRU in front of a persistent store.
+
+Reads look in memory, then in the store (one round trip for all keys), and back-fill memory. A
+slow or dead store never fails or holds up a request beyond ``read_timeout``: the read counts as
+misses (fail open), the error is counted and logged at most every few seconds, and the store is
+skipped for a short back-off before it is tried again. Writes go to memory at once and to the store
+through a bounded write-behind queue, flushed on close; when the queue is full, entries are dropped
+(a dropped write is only a future miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedfleet.cache.base import Store
+from embedfleet.cache.codec import decode, encode
+from embedfleet.cache.memory import MemoryStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierCounters:
+    """Lookups answered by each tier, and store failures."""
+
+    memory_hits: int = 0
+    store_hits: int = 0
+    misses: int = 0
+    store_errors: int = 0
+    writes_dropped: int = 0
+
+
+class TieredCache:
+    """Memory LRU + optional persistent store, with fail-open reads and write-behind."""
+
+    def __init__(self, memory: MemoryStore, store: Store | None, ttl: float | None = None,
+                 read_timeout: float = 0.25, write_queue: int = 65536, write_batch: int = 512,
+                 backoff: float = 1.0) -> None:
+        self.memory = memory
+        self.store = store
+        self.ttl = ttl
+        self.read_timeout = read_timeout
+        self.write_batch = write_batch
+        self.backoff = backoff
+        self.counters = TierCounters()
+        # None is the stop sentinel; put() never enqueues None.
+        self._queue: asyncio.Queue[tuple[bytes, bytes] | None] = asyncio.Queue(maxsize=write_queue)
+        self._writer: asyncio.Task[None] | None = None
+        self._store_down_until = 0.0
+        self._last_error_log = 0.0
+
+    def start(self) -> None:
+        """Start the write-behind task (call from the event loop)."""
+        if self.store is not None and self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="cache-writer")
+
+    @property
+    def store_available(self) -> bool:
+        """False while the store is in back-off after an error."""
+        return self.store is not None and time.monotonic() >= self._store_down_until
+
+    def _store_failed(self, exc: BaseException, what: str) -> None:
+        self.counters.store_errors += 1
+        self._store_down_until = time.monotonic() + self.backoff
+        now = time.monotonic()
+        if now - self._last_error_log >= 5.0:
+            self._last_error_log = now
+            log.warning("cache store %s %s failed (%s); serving without it for %.1fs",
+                        self.store.name if self.store else "-", what, exc or type(exc).__name__, self.backoff)
+
+    async def get(self, keys: Sequence[bytes], read_store: bool = True) -> list[np.ndarray | None]:
+        """Vectors for the keys (None for misses); corrupt or expired entries are misses."""
+        blobs = await self.memory.get_many(keys)
+        found: list[np.ndarray | None] = [decode(b) for b in blobs]
+        self.counters.memory_hits += sum(v is not None for v in found)
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing and read_store and self.store is not None and self.store_available:
+            try:
+                stored = await asyncio.wait_for(self.store.get_many([keys[i] for i in missing]), self.read_timeout)
+            except Exception as exc:  # any store failure is a miss, never a failed request
+                self._store_failed(exc, "read")
+            else:
+                backfill = []
+                for i, blob in zip(missing, stored, strict=True):
+                    vector = decode(blob)
+                    if vector is not None:
+                        found[i] = vector
+                        backfill.append((keys[i], blob))
+                        self.counters.store_hits += 1
+                if backfill:
+                    await self.memory.set_many([(k, b) for k, b in backfill if b is not None])
+        self.counters.misses += sum(v is None for v in found)
+        return found
+
+    async def put(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        """Cache vectors: memory now, the store through the write-behind queue."""
+        expires = time.time() + self.ttl if self.ttl else 0.0
+        blobs = [(k, encode(v, expires)) for k, v in items]
+        await self.memory.set_many(blobs)
+        if self.store is None:
+            return
+        for item in blobs:
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                self.counters.writes_dropped += 1
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[tuple[bytes, bytes]] = []
+            item = await self._queue.get()
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if stopping or len(batch) >= self.write_batch or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[bytes, bytes]]) -> None:
+        assert self.store is not None
+        try:
+            await asyncio.wait_for(self.store.set_many(batch, self.ttl), max(self.read_timeout * 8, 2.0))
+        except Exception as exc:
+            self.counters.writes_dropped += len(batch)
+            self._store_failed(exc, "write")
+
+    async def delete(self, model_tag: bytes | None = None) -> int:
+        """Delete from both tiers; returns the larger count (the tiers overlap)."""
+        in_memory = await self.memory.delete(model_tag)
+        in_store = await self.store.delete(model_tag) if self.store is not None else 0
+        return max(in_memory, in_store)
+
+    async def close(self) -> None:
+        """Flush every queued write, then close the store."""
+        if self._writer is not None:
+            await self._queue.put(None)
+            await self._writer
+            self._writer = None
+        if self.store is not None:
+            await self.store.close()
+        await self.memory.close()

@@ -1,0 +1,217 @@
+"""The gateway's HTTP API: the worker's routes, with /embed and /v1/embeddings served through the cache.
+
+Other TEI routes (/rerank, /embed_sparse, /predict, ...) are forwarded to the pool as they are.
+Responses say what the cache did: ``X-Cache: hit|miss|partial`` with ``X-Cache-Hits`` and
+``X-Cache-Misses`` (unique inputs).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from embedfleet import __version__
+from embedfleet.api import errors
+from embedfleet.api.errors import EmbedfleetError
+from embedfleet.api.http import BodyLimit, install_error_handlers, json_response
+from embedfleet.api.schemas import (
+    EmbedRequest,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+)
+from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
+
+log = logging.getLogger("embedfleet.gateway")
+access_log = logging.getLogger("embedfleet.gateway.access")
+
+PASSTHROUGH = ("/embed_all", "/embed_sparse", "/rerank", "/predict", "/similarity", "/tokenize", "/decode")
+
+
+def _inputs(value: str | list[Any]) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(v, int) for v in value):
+        return [value]
+    return list(value)
+
+
+def _cache_headers(result: EmbedResult) -> dict[str, str]:
+    return {"x-cache": result.cache_status, "x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
+
+
+class _GatewayCollector(Collector):
+    """Cache and upstream figures, read at scrape time."""
+
+    def __init__(self, service: EmbeddingService) -> None:
+        self.service = service
+
+    def collect(self) -> Any:
+        c = self.service.cache.counters
+        model = self.service.pool.name
+        lookups = CounterMetricFamily("ef_cache_lookups", "Unique inputs looked up, by answering tier",
+                                      labels=["model", "result"])
+        lookups.add_metric([model, "memory_hit"], c.memory_hits)
+        lookups.add_metric([model, "store_hit"], c.store_hits)
+        lookups.add_metric([model, "miss"], c.misses)
+        yield lookups
+        yield CounterMetricFamily("ef_cache_store_errors", "Cache store reads or writes that failed",
+                                  value=c.store_errors)
+        yield CounterMetricFamily("ef_cache_writes_dropped", "Cache writes dropped (queue full or store down)",
+                                  value=c.writes_dropped)
+        yield CounterMetricFamily("ef_upstream_inputs", "Inputs sent to upstreams (cache misses)",
+                                  value=self.service.upstream_inputs)
+        pool = self.service.pool
+        yield CounterMetricFamily("ef_upstream_retries", "Calls retried on another replica", value=pool.retried)
+        yield CounterMetricFamily("ef_upstream_ejections", "Replicas ejected after errors", value=pool.ejections)
+        in_flight = GaugeMetricFamily("ef_upstream_in_flight", "Inputs in flight per upstream", labels=["upstream"])
+        healthy = GaugeMetricFamily("ef_upstream_healthy", "1 when the upstream is healthy", labels=["upstream"])
+        for u in pool.upstreams:
+            in_flight.add_metric([u.url], u.in_flight)
+            healthy.add_metric([u.url], 1.0 if u.healthy else 0.0)
+        yield in_flight
+        yield healthy
+
+
+def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enabled: bool = True,
+                       on_startup: Callable[[], Awaitable[None]] | None = None,
+                       on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The gateway's FastAPI application."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(title="embedfleet gateway", version=__version__, lifespan=lifespan,
+                  description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
+    app.add_middleware(BodyLimit, limit=payload_limit)  # type: ignore[arg-type]
+    install_error_handlers(app, access_log=access_log)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_GatewayCollector(service))
+    durations = Histogram("ef_request_duration_seconds", "Gateway request duration", ["route", "status"],
+                          registry=registry)
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path if request.url.path in _ROUTES else "other"
+        durations.labels(route, str(response.status_code)).observe(time.perf_counter() - started)
+        return response
+
+    def policy(request: Request) -> CachePolicy:
+        if not cache_enabled:
+            return CachePolicy(read=False, write=False)
+        return CachePolicy.from_header(request.headers.get("cache-control"))
+
+    @app.post("/embed", response_model=list[list[float]], tags=["TEI"])
+    async def embed(req: EmbedRequest, request: Request) -> Response:
+        """Pooled embeddings, from the cache where possible."""
+        result = await service.embed(_inputs(req.inputs), normalize=req.normalize, truncate=req.truncate,
+                                     direction=req.truncation_direction, prompt_name=req.prompt_name,
+                                     dimensions=req.dimensions, policy=policy(request))
+        return json_response(result.vectors, headers=_cache_headers(result))
+
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
+    @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
+    async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request) -> Response:
+        """OpenAI-compatible embeddings, from the cache where possible."""
+        result = await service.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions,
+                                     policy=policy(request))
+        if req.encoding_format == "base64":
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
+                    for i, v in enumerate(result.vectors)]
+        else:
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
+        info = service.pool.info
+        # Cached inputs are never tokenized, so their token counts are unknown: usage says 0
+        # rather than invent a number.
+        return json_response({"object": "list", "data": data, "model": info.model_id if info else "unknown",
+                              "usage": {"prompt_tokens": 0, "total_tokens": 0}}, headers=_cache_headers(result))
+
+    async def passthrough(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise errors.validation("Json deserialize error: invalid JSON") from None
+        if not isinstance(body, dict):
+            raise errors.validation("Json deserialize error: the body must be a JSON object")
+        return json_response(await service.pool.post(request.url.path, body))
+
+    for route in PASSTHROUGH:
+        app.add_api_route(route, passthrough, methods=["POST"], tags=["TEI"],
+                          summary=f"Forwarded to the pool's {route}")
+
+    @app.get("/info", tags=["TEI"])
+    async def info() -> Response:
+        """The upstream model's /info, with the gateway's own request limits."""
+        up = service.pool.info
+        if up is None:
+            raise errors.unhealthy("no upstream has answered /info yet")
+        return json_response({**up.raw, "max_client_batch_size": service.max_client_batch_size,
+                              "version": __version__,
+                              "upstreams": [{"url": u.url, "healthy": u.healthy} for u in service.pool.upstreams]})
+
+    @app.get("/health", tags=["TEI"])
+    async def health() -> Response:
+        """200 while at least one upstream is healthy."""
+        if not service.pool.healthy:
+            raise errors.unhealthy("no healthy upstream")
+        return Response(status_code=200)
+
+    @app.get("/metrics", tags=["TEI"])
+    async def metrics() -> Response:
+        """Prometheus metrics of the gateway."""
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/cache/stats", tags=["cache"])
+    async def cache_stats() -> Response:
+        """Entries and bytes per model in each tier, and the hit ratio."""
+        c = service.cache.counters
+        looked = c.memory_hits + c.store_hits + c.misses
+        memory = await service.cache.memory.stats()
+        store = await service.cache.store.stats() if service.cache.store is not None else None
+        fingerprint = service.pool.info.fingerprint if service.pool.info else None
+        names = {fingerprint.tag.hex(): fingerprint.name} if fingerprint else {}
+
+        def per_model(stats: Any) -> dict[str, Any]:
+            return {names.get(tag, tag): {"entries": n, "bytes": b} for tag, (n, b) in stats.per_model.items()}
+
+        return json_response({
+            "hit_ratio": (c.memory_hits + c.store_hits) / looked if looked else None,
+            "lookups": {"memory_hits": c.memory_hits, "store_hits": c.store_hits, "misses": c.misses},
+            "store_errors": c.store_errors,
+            "memory": {"entries": memory.entries, "bytes": memory.bytes, "models": per_model(memory)},
+            "store": None if store is None else {"name": service.cache.store.name,  # type: ignore[union-attr]
+                                                 "entries": store.entries, "bytes": store.bytes,
+                                                 "models": per_model(store)},
+        })
+
+    @app.delete("/cache", tags=["cache"])
+    async def clear_cache(model: str | None = None) -> Response:
+        """Delete every entry, or one model's (``?model=`` its id, as /info reports it)."""
+        tag = None
+        if model is not None:
+            up = service.pool.info
+            if up is None or model not in (up.model_id, up.fingerprint.name):
+                raise EmbedfleetError(errors.ErrorType.VALIDATION, f"model {model!r} is not served here", status=404)
+            tag = up.fingerprint.tag
+        return json_response({"deleted": await service.cache.delete(tag)})
+
+    _ROUTES = {r.path for r in app.routes if hasattr(r, "path")}  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,174 @@
+"""The gateway's embedding path: dedupe, one cache lookup, single-flight, split, merge.
+
+For one request: identical texts are computed once; every key is looked up in one round trip per
+tier; a key that another request is already computing is awaited, not computed again; the rest is
+split into sub-batches that fit the upstreams' ``max_client_batch_size``, sent to replicas in
+parallel, and merged back in input order. All or nothing: a request gets every vector or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedfleet.api import errors
+from embedfleet.api.schemas import TruncationDirection
+from embedfleet.cache.keys import EmbedParams, cache_key
+from embedfleet.cache.tiered import TieredCache
+from embedfleet.gateway.upstream import Pool, UpstreamInfo
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What one request may do with the cache (from its Cache-Control header)."""
+
+    read: bool = True
+    write: bool = True
+
+    @classmethod
+    def from_header(cls, value: str | None) -> CachePolicy:
+        """``no-cache`` recomputes and overwrites; ``no-store`` neither reads nor writes."""
+        directives = {d.strip().lower() for d in (value or "").split(",")}
+        if "no-store" in directives:
+            return cls(read=False, write=False)
+        if "no-cache" in directives:
+            return cls(read=False, write=True)
+        return cls()
+
+
+@dataclass
+class EmbedResult:
+    """Vectors in input order, and how many unique inputs were hits."""
+
+    vectors: np.ndarray
+    hits: int
+    misses: int
+
+    @property
+    def cache_status(self) -> str:
+        """``hit``, ``miss`` or ``partial``."""
+        if self.misses == 0:
+            return "hit"
+        return "miss" if self.hits == 0 else "partial"
+
+
+class EmbeddingService:
+    """Embeddings of one model pool, through the cache."""
+
+    def __init__(self, pool: Pool, cache: TieredCache, max_client_batch_size: int = 2048) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.max_client_batch_size = max_client_batch_size
+        self._in_flight: dict[bytes, asyncio.Future[np.ndarray]] = {}
+        self._tasks: set[asyncio.Task[list[np.ndarray]]] = set()
+        self.upstream_inputs = 0
+
+    def _info(self) -> UpstreamInfo:
+        info = self.pool.info
+        if info is None:
+            raise errors.unhealthy(f"no upstream of model {self.pool.name!r} has answered /info yet")
+        return info
+
+    async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
+                    direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
+                    dimensions: int | None = None, policy: CachePolicy = CachePolicy()) -> EmbedResult:
+        """Vectors for the inputs, from the cache where possible."""
+        if not inputs:
+            raise errors.empty()
+        if len(inputs) > self.max_client_batch_size:
+            raise errors.validation(
+                f"batch size {len(inputs)} > maximum allowed batch size {self.max_client_batch_size}")
+        info = self._info()
+        params = EmbedParams(normalize=normalize, truncate=info.auto_truncate if truncate is None else truncate,
+                             truncation_direction=direction.value, prompt_name=prompt_name, dimensions=dimensions)
+        body: dict[str, Any] = {"normalize": normalize, "truncate": params.truncate,
+                                "truncation_direction": direction.value.capitalize()}
+        if prompt_name is not None:
+            body["prompt_name"] = prompt_name
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+
+        # Token-id inputs have no text to key on: they are computed, never cached.
+        keyed: dict[bytes, str] = {}
+        input_keys: list[bytes | None] = []
+        for item in inputs:
+            if isinstance(item, str):
+                key = cache_key(info.fingerprint, params, item)
+                keyed.setdefault(key, item)
+                input_keys.append(key)
+            else:
+                input_keys.append(None)
+        unique = list(keyed)
+        found: dict[bytes, np.ndarray] = {}
+        if unique and policy.read:
+            for key, vector in zip(unique, await self.cache.get(unique), strict=True):
+                if vector is not None:
+                    found[key] = vector
+        hits = len(found)
+
+        waiting: dict[bytes, asyncio.Future[np.ndarray]] = {}
+        mine: dict[bytes, asyncio.Future[np.ndarray]] = {}
+        loop = asyncio.get_running_loop()
+        for key in unique:
+            if key in found:
+                continue
+            if key in self._in_flight:
+                waiting[key] = self._in_flight[key]
+            else:
+                mine[key] = self._in_flight[key] = loop.create_future()
+        raw = [(i, item) for i, item in enumerate(inputs) if not isinstance(item, str)]
+
+        # The computation is its own task: if this client goes away, the requests waiting on the
+        # same keys still get their vectors, and the cache still gets them.
+        task = asyncio.get_running_loop().create_task(
+            self._resolve(mine, [keyed[k] for k in mine], [item for _, item in raw], body, policy))
+        self._tasks.add(task)  # a strong reference until done
+        task.add_done_callback(self._tasks.discard)
+        computed = await asyncio.shield(task)
+        for key, vector in zip(mine, computed, strict=False):
+            found[key] = vector
+        for key, fut in waiting.items():
+            found[key] = await fut
+
+        raw_vectors = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
+        rows = [found[k] if k is not None else raw_vectors[i] for i, k in enumerate(input_keys)]
+        return EmbedResult(np.stack(rows), hits=hits, misses=len(unique) - hits + len(raw))
+
+    async def _resolve(self, mine: dict[bytes, asyncio.Future[np.ndarray]], texts: list[str],
+                       raw: list[str | list[int]], body: dict[str, Any], policy: CachePolicy) -> list[np.ndarray]:
+        """Compute this request's own misses (and raw inputs), settle their futures, cache them."""
+        try:
+            computed = await self._compute([*texts, *raw], body)
+        except Exception as exc:
+            for key, fut in mine.items():
+                self._in_flight.pop(key, None)
+                fut.set_exception(exc)
+                fut.exception()  # marked retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        for (key, fut), vector in zip(mine.items(), computed, strict=False):
+            self._in_flight.pop(key, None)
+            fut.set_result(vector)
+        if mine and policy.write:
+            await self.cache.put(list(zip(mine, computed, strict=False)))
+        return computed
+
+    async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> list[np.ndarray]:
+        """Send the misses to the upstreams in parallel sub-batches; vectors in order."""
+        if not items:
+            return []
+        size = max(1, self._info().max_client_batch_size)
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        self.upstream_inputs += len(items)
+        results = await asyncio.gather(
+            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=len(chunk)) for chunk in chunks))
+        vectors: list[np.ndarray] = []
+        for chunk, result in zip(chunks, results, strict=True):
+            if not isinstance(result, list) or len(result) != len(chunk):
+                raise errors.backend(f"upstream returned {len(result) if isinstance(result, list) else 'no'} "
+                                     f"vectors for {len(chunk)} inputs")
+            vectors.extend(np.asarray(v, dtype=np.float32) for v in result)
+        return vectors

@@ -1,0 +1,176 @@
+"""Upstreams: the worker replicas (or TEI servers) behind the gateway, pooled per model.
+
+Each upstream has one keep-alive HTTP client. A pool sends each call to the healthy replica with
+the fewest inputs in flight; a connection error, timeout or 5xx ejects the replica at once
+(passive) and the call is retried on another; an active check polls /health and re-admits
+replicas that answer 200. A 4xx is the client's error and is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from embedfleet.api import errors
+from embedfleet.api.errors import EmbedfleetError, ErrorType
+from embedfleet.cache.keys import ModelFingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpstreamInfo:
+    """What the gateway needs from an upstream's /info."""
+
+    model_id: str
+    fingerprint: ModelFingerprint
+    max_client_batch_size: int
+    auto_truncate: bool
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, info: dict[str, Any]) -> UpstreamInfo:
+        """From an embedfleet worker's or a TEI server's /info."""
+        model_type = info.get("model_type") or {}
+        task = str(info.get("task") or next(iter(model_type), "embedding"))
+        pooling = info.get("pooling")
+        if pooling is None and "embedding" in model_type:
+            pooling = model_type["embedding"].get("pooling")
+        model_id = str(info["model_id"])
+        fingerprint = ModelFingerprint(model_id, info.get("model_sha") or info.get("revision"), task, pooling)
+        return cls(model_id, fingerprint, int(info.get("max_client_batch_size") or 32),
+                   bool(info.get("auto_truncate", False)), info)
+
+
+def _upstream_error(response: httpx.Response) -> EmbedfleetError:
+    """An upstream's error response, with its status and TEI error type kept."""
+    try:
+        body = orjson.loads(response.content)
+        message = str(body.get("error") or body.get("message") or response.text)
+        kind = ErrorType(body.get("error_type", "Backend"))
+    except (orjson.JSONDecodeError, ValueError, AttributeError):
+        message, kind = response.text or response.reason_phrase, ErrorType.BACKEND
+    return EmbedfleetError(kind, message, status=response.status_code)
+
+
+class Upstream:
+    """One replica."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout,
+                                        limits=httpx.Limits(max_keepalive_connections=64, max_connections=256))
+        self.healthy = False
+        self.in_flight = 0
+        self.info: UpstreamInfo | None = None
+
+    async def refresh(self) -> bool:
+        """Check /health (and read /info once); returns whether the replica is healthy."""
+        try:
+            if self.info is None:
+                r = await self.client.get("/info", timeout=5.0)
+                r.raise_for_status()
+                self.info = UpstreamInfo.parse(r.json())
+            healthy = (await self.client.get("/health", timeout=5.0)).status_code == 200
+        except (httpx.HTTPError, ValueError, KeyError):
+            healthy = False
+        if healthy != self.healthy:
+            log.info("upstream %s is %s", self.url, "healthy" if healthy else "unhealthy")
+        self.healthy = healthy
+        return healthy
+
+    async def post(self, route: str, body: dict[str, Any], weight: int) -> Any:
+        """POST JSON; returns the parsed body. Raises EmbedfleetError for a 4xx, httpx errors otherwise."""
+        self.in_flight += weight
+        try:
+            r = await self.client.post(route, content=orjson.dumps(body),
+                                       headers={"content-type": "application/json"})
+        finally:
+            self.in_flight -= weight
+        if r.status_code >= 500:
+            raise httpx.HTTPStatusError(f"{r.status_code} from {self.url}", request=r.request, response=r)
+        if r.status_code >= 400:
+            raise _upstream_error(r)
+        return orjson.loads(r.content)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+
+class Pool:
+    """The replicas of one model."""
+
+    def __init__(self, name: str, urls: Sequence[str], timeout: float = 60.0, health_interval: float = 1.0,
+                 retries: int = 2) -> None:
+        self.name = name
+        self.upstreams = [Upstream(u, timeout) for u in urls]
+        self.health_interval = health_interval
+        self.retries = retries
+        self.ejections = 0
+        self.retried = 0
+        self._checker: asyncio.Task[None] | None = None
+
+    @property
+    def info(self) -> UpstreamInfo | None:
+        """The model's info, from the first replica that answered /info."""
+        return next((u.info for u in self.upstreams if u.info is not None), None)
+
+    @property
+    def healthy(self) -> list[Upstream]:
+        """Replicas that can take calls now."""
+        return [u for u in self.upstreams if u.healthy]
+
+    async def start(self) -> None:
+        """Check every replica once, then keep checking in the background."""
+        await asyncio.gather(*(u.refresh() for u in self.upstreams))
+        fingerprints = {u.info.fingerprint for u in self.upstreams if u.info is not None}
+        if len(fingerprints) > 1:
+            raise ValueError(f"pool {self.name!r} mixes models: {sorted(f.name for f in fingerprints)}")
+        self._checker = asyncio.get_running_loop().create_task(self._check_loop(), name=f"health-{self.name}")
+
+    async def _check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await asyncio.gather(*(u.refresh() for u in self.upstreams))
+
+    def _eject(self, upstream: Upstream, reason: BaseException) -> None:
+        if upstream.healthy:
+            upstream.healthy = False
+            self.ejections += 1
+            log.warning("ejected upstream %s: %s", upstream.url, reason or type(reason).__name__)
+
+    async def post(self, route: str, body: dict[str, Any], weight: int = 1) -> Any:
+        """Call the least-loaded healthy replica; on failure eject it and retry on another."""
+        tried: set[Upstream] = set()
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            candidates = [u for u in self.healthy if u not in tried] or self.healthy
+            if not candidates:
+                break
+            upstream = min(candidates, key=lambda u: u.in_flight)
+            tried.add(upstream)
+            if attempt:
+                self.retried += 1
+            try:
+                return await upstream.post(route, body, weight)
+            except EmbedfleetError:
+                raise
+            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+                last = exc
+                self._eject(upstream, exc)
+        detail = f" (last error: {last})" if last else ""
+        raise errors.unhealthy(f"no healthy upstream for model {self.name!r}{detail}")
+
+    async def close(self) -> None:
+        """Stop checking and close every client."""
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
+        await asyncio.gather(*(u.close() for u in self.upstreams))

@@ -1,0 +1,179 @@
+"""The gateway in front of real workers: cache correctness, single-flight, splitting, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import GatewayProcess, WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workers(start_worker: object) -> list[WorkerProcess]:
+    return [start_worker("--max-client-batch-size", "32") for _ in range(2)]  # type: ignore[operator]
+
+
+def _gateway(workers: list[WorkerProcess], cache: str, log_dir: Path, *extra: str) -> GatewayProcess:
+    args = [a for w in workers for a in ("--upstream", w.url)] + ["--cache", cache, *extra]
+    return GatewayProcess(args, log_dir, log_dir).start()
+
+
+@pytest.fixture(scope="module")
+def lmdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateway-lmdb") / "cache"
+
+
+@pytest.fixture(scope="module")
+def gateway(workers: list[WorkerProcess], lmdb_path: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[GatewayProcess]:
+    g = _gateway(workers, f"lmdb://{lmdb_path}", tmp_path_factory.mktemp("gw-log"))
+    yield g
+    g.stop()
+
+
+def _computed(workers: list[WorkerProcess]) -> float:
+    """Inputs the workers have embedded, read from their own metrics."""
+    return sum(w.metric("te_embed_count_total") for w in workers)
+
+
+def test_hit_is_byte_equal_to_miss(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    body = {"inputs": ["the first text", "the second text", "the first text"]}
+    before = _computed(workers)
+    miss = gateway.post("/embed", body)
+    assert miss.status_code == 200 and miss.headers["x-cache"] == "miss"
+    assert miss.headers["x-cache-misses"] == "2"  # duplicates inside a request are computed once
+    assert _computed(workers) == before + 2
+    hit = gateway.post("/embed", body)
+    assert hit.headers["x-cache"] == "hit" and hit.content == miss.content
+    assert _computed(workers) == before + 2
+    direct = workers[0].post("/embed", body)
+    assert np.array_equal(np.array(direct.json(), dtype=np.float32), np.array(hit.json(), dtype=np.float32))
+    partial = gateway.post("/embed", {"inputs": ["the first text", "a brand new text"]})
+    assert partial.headers["x-cache"] == "partial"
+
+
+def test_changed_parameters_never_hit(gateway: GatewayProcess) -> None:
+    text = "parameters change the vector"
+    base = gateway.post("/embed", {"inputs": text})
+    assert base.headers["x-cache"] == "miss"
+    for extra in ({"normalize": False}, {"dimensions": 64}, {"truncate": True}, {"truncation_direction": "left"}):
+        r = gateway.post("/embed", {"inputs": text, **extra})
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss", extra
+    raw = gateway.post("/embed", {"inputs": text, "normalize": False})
+    assert raw.headers["x-cache"] == "hit"
+    assert not np.isclose(np.linalg.norm(raw.json()[0]), 1.0, atol=1e-3)  # unnormalised on a hit too
+    assert np.isclose(np.linalg.norm(base.json()[0]), 1.0, atol=1e-5)
+
+
+def test_one_computation_for_100_concurrent_requests(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    before = _computed(workers)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/embed", json={"inputs": "one brand new text, 100 times"})
+                                          for _ in range(100)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.content for r in responses}) == 1
+    assert _computed(workers) == before + 1
+
+
+def test_big_batches_are_split_across_replicas(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    texts = [f"split me {i}" for i in range(200)]  # the workers take 32 per request
+    before = [w.metric("te_request_count_total", method="embed") for w in workers]
+    r = gateway.post("/embed", {"inputs": texts})
+    assert r.status_code == 200 and len(r.json()) == 200
+    after = [w.metric("te_request_count_total", method="embed") for w in workers]
+    assert sum(a - b for a, b in zip(after, before, strict=True)) == 7  # ceil(200 / 32)
+    assert all(a > b for a, b in zip(after, before, strict=True))  # both replicas took a share
+    direct = np.array(workers[0].post("/embed", {"inputs": texts[150:160]}).json(), dtype=np.float32)
+    assert np.array_equal(np.array(r.json()[150:160], dtype=np.float32), direct)  # merged in input order
+    assert gateway.post("/embed", {"inputs": ["x"] * 2049}).status_code == 422
+
+
+def test_cache_control(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    text = {"inputs": "cache control text"}
+    gateway.post("/embed", text)
+    before = _computed(workers)
+    fresh = gateway.post("/embed", text, headers={"cache-control": "no-cache"})
+    assert fresh.headers["x-cache"] == "miss" and _computed(workers) == before + 1
+    nostore = gateway.post("/embed", {"inputs": "never stored"}, headers={"cache-control": "no-store"})
+    assert nostore.headers["x-cache"] == "miss"
+    assert gateway.post("/embed", {"inputs": "never stored"}).headers["x-cache"] == "miss"
+
+
+def test_upstream_errors_pass_through(gateway: GatewayProcess) -> None:
+    too_long = gateway.post("/embed", {"inputs": " ".join(f"w{i}" for i in range(400))})
+    assert too_long.status_code == 422 and too_long.json()["error_type"] == "Validation"
+    wrong_task = gateway.post("/rerank", {"query": "a", "texts": ["b"]})
+    assert wrong_task.status_code == 424 and wrong_task.json()["error_type"] == "Backend"
+    assert gateway.post("/embed", {"inputs": []}).status_code == 400
+    tokens = gateway.post("/tokenize", {"inputs": "hello"})
+    assert tokens.status_code == 200 and tokens.json()[0][1]["text"] == "hello"
+
+
+def test_openai_route_uses_the_cache(gateway: GatewayProcess) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    first = client.embeddings.create(model="default", input=["openai via gateway"])
+    second = client.embeddings.with_raw_response.create(model="default", input=["openai via gateway"])
+    assert second.headers["x-cache"] == "hit"
+    assert second.parse().data[0].embedding == first.data[0].embedding
+
+
+def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, workers: list[WorkerProcess],
+                                                 lmdb_path: Path, tmp_path: Path) -> None:
+    assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"
+    second = _gateway(workers, f"lmdb://{lmdb_path}", tmp_path)
+    try:
+        deadline = time.monotonic() + 10  # the first gateway writes behind: poll, don't sleep
+        while second.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] != "hit":
+            assert time.monotonic() < deadline
+    finally:
+        second.stop()
+    gateway.stop()
+    gateway.start()
+    assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "hit"
+    stats = gateway.get("/cache/stats").json()
+    assert stats["store"]["entries"] >= 1
+    assert gateway.request_delete() == 200
+    assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"
+
+
+def test_kill_a_worker_mid_load_loses_no_request(start_worker: object, tmp_path: Path) -> None:
+    pair = [start_worker("--max-client-batch-size", "8") for _ in range(2)]  # type: ignore[operator]
+    g = _gateway(pair, "memory://", tmp_path)
+    try:
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(base_url=g.url, timeout=60) as client:
+                async def one(i: int) -> int:
+                    r = await client.post("/embed", json={"inputs": [f"load {i} {j}" for j in range(16)]})
+                    return r.status_code
+
+                first = await asyncio.gather(*(one(i) for i in range(10)))
+                pair[0].kill()
+                rest = await asyncio.gather(*(one(i) for i in range(10, 60)))
+                return [*first, *rest]
+
+        codes = asyncio.run(load())
+        assert codes == [200] * 60
+        assert g.metric("ef_upstream_healthy", upstream=pair[0].url) == 0
+        assert g.get("/health").status_code == 200
+        pair[1].kill()
+        deadline = time.monotonic() + 10
+        while g.get("/health").status_code != 503:
+            assert time.monotonic() < deadline
+        r = g.post("/embed", {"inputs": "nobody left"})
+        assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy"
+    finally:
+        g.stop()
