@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 MAGIC = b"EFv1"
-_HEADER = struct.Struct("<4sId8s")
-HEADER_BYTES = _HEADER.size
+HEADER = struct.Struct("<4sId8s")
+"""The value header: magic, dim, expires_at, checksum."""
+HEADER_BYTES = HEADER.size
 
 
 def _checksum(dim: int, expires_at: float, payload: bytes | memoryview) -> bytes:
@@ -29,14 +30,14 @@ def encode(vector: np.ndarray, expires_at: float = 0.0) -> bytes:
     """Serialise one vector (any float dtype; stored as float32)."""
     payload = np.ascontiguousarray(vector, dtype="<f4").tobytes()
     dim = len(payload) // 4
-    return _HEADER.pack(MAGIC, dim, expires_at, _checksum(dim, expires_at, payload)) + payload
+    return HEADER.pack(MAGIC, dim, expires_at, _checksum(dim, expires_at, payload)) + payload
 
 
 def decode(blob: bytes | memoryview | None, now: float | None = None) -> np.ndarray | None:
     """The vector, or None when the value is absent, malformed, corrupt or expired."""
     if blob is None or len(blob) < HEADER_BYTES:
         return None
-    magic, dim, expires_at, checksum = _HEADER.unpack_from(blob)
+    magic, dim, expires_at, checksum = HEADER.unpack_from(blob)
     if magic != MAGIC or len(blob) != HEADER_BYTES + 4 * dim:
         return None
     payload = memoryview(blob)[HEADER_BYTES:]
