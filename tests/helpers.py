@@ -34,7 +34,8 @@ class WorkerProcess:
                  port: int | None = None) -> None:
         self.args = args
         self.data_dir = data_dir
-        self.log_path = log_dir / "worker.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.command}.log"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env or {}
