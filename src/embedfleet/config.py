@@ -137,6 +137,9 @@ class GatewaySettings(_Settings):
     upstream_timeout: float = Field(60.0, gt=0)
     health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
     store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
+    api_key: list[str] = Field(default_factory=list, description="keys accepted as Authorization: Bearer KEY")
+    api_key_file: Path | None = Field(None, description="file with one API key per line")
+    admin_key: str | None = Field(None, description="key for admin routes (DELETE /cache); unset: they are off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -15,6 +15,8 @@ from tests.helpers import GatewayProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
+ADMIN = "admin-secret"
+
 
 @pytest.fixture(scope="module")
 def workers(start_worker: object) -> list[WorkerProcess]:
@@ -34,7 +36,7 @@ def lmdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gateway(workers: list[WorkerProcess], lmdb_path: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[GatewayProcess]:
-    g = _gateway(workers, f"lmdb://{lmdb_path}", tmp_path_factory.mktemp("gw-log"))
+    g = _gateway(workers, f"lmdb://{lmdb_path}", tmp_path_factory.mktemp("gw-log"), "--admin-key", ADMIN)
     yield g
     g.stop()
 
@@ -146,7 +148,8 @@ def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, worker
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "hit"
     stats = gateway.get("/cache/stats").json()
     assert stats["store"]["entries"] >= 1
-    assert gateway.request_delete() == 200
+    assert gateway.request_delete() == 401  # admin routes need the admin key
+    assert httpx.delete(f"{gateway.url}/cache", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"
 
 
@@ -175,5 +178,28 @@ def test_kill_a_worker_mid_load_loses_no_request(start_worker: object, tmp_path:
             assert time.monotonic() < deadline
         r = g.post("/embed", {"inputs": "nobody left"})
         assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy"
+    finally:
+        g.stop()
+
+
+def test_api_keys_and_admin_key(workers: list[WorkerProcess], tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nfile-key\n\n")
+    g = _gateway(workers, "memory://", tmp_path, "--api-key", "flag-key", "--api-key-file", str(key_file))
+    try:
+        assert g.get("/health").status_code == 200  # open, for load balancers
+        denied = g.post("/embed", {"inputs": "a"})
+        assert denied.status_code == 401 and denied.json()["error_type"] == "Unauthorized"
+        assert g.post("/embed", {"inputs": "a"}, headers={"authorization": "Bearer wrong"}).status_code == 401
+        for key in ("flag-key", "file-key"):
+            assert g.post("/embed", {"inputs": "a"}, headers={"authorization": f"Bearer {key}"}).status_code == 200
+        openai_denied = g.post("/v1/embeddings", {"input": "a"})
+        assert openai_denied.status_code == 401 and openai_denied.json()["code"] == 401
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{g.url}/v1", api_key="flag-key", max_retries=0)
+        assert len(client.embeddings.create(model="default", input="a").data[0].embedding) == 384
+        off = httpx.delete(f"{g.url}/cache", headers={"authorization": "Bearer flag-key"})
+        assert off.status_code == 403  # no --admin-key: admin routes are off
     finally:
         g.stop()

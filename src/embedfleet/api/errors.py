@@ -23,6 +23,7 @@ class ErrorType(StrEnum):
     BACKEND = "Backend"
     OVERLOADED = "Overloaded"
     UNHEALTHY = "Unhealthy"
+    UNAUTHORIZED = "Unauthorized"  # embedfleet's own: TEI answers 401 with an empty body
 
 
 _STATUS: dict[ErrorType, int] = {
@@ -32,6 +33,7 @@ _STATUS: dict[ErrorType, int] = {
     ErrorType.BACKEND: 424,
     ErrorType.OVERLOADED: 429,
     ErrorType.UNHEALTHY: 503,
+    ErrorType.UNAUTHORIZED: 401,
 }
 
 
@@ -95,3 +97,13 @@ def payload_too_large(limit: int) -> EmbedfleetError:
     return EmbedfleetError(
         ErrorType.VALIDATION, f"request body is larger than the limit of {limit} bytes", status=413
     )
+
+
+def unauthorized(message: str = "missing or invalid API key (Authorization: Bearer KEY)") -> EmbedfleetError:
+    """401: no valid API key."""
+    return EmbedfleetError(ErrorType.UNAUTHORIZED, message)
+
+
+def forbidden(message: str) -> EmbedfleetError:
+    """403: authenticated, but not allowed (admin routes)."""
+    return EmbedfleetError(ErrorType.UNAUTHORIZED, message, status=403)

@@ -22,12 +22,13 @@ from prometheus_client.registry import Collector
 from embedfleet import __version__
 from embedfleet.api import errors
 from embedfleet.api.errors import EmbedfleetError
-from embedfleet.api.http import BodyLimit, install_error_handlers, json_response
+from embedfleet.api.http import BodyLimit, install_error_handlers, is_openai, json_response
 from embedfleet.api.schemas import (
     EmbedRequest,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
 )
+from embedfleet.gateway.auth import KeyCheck
 from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
 
 log = logging.getLogger("embedfleet.gateway")
@@ -82,7 +83,7 @@ class _GatewayCollector(Collector):
 
 
 def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enabled: bool = True,
-                       on_startup: Callable[[], Awaitable[None]] | None = None,
+                       keys: KeyCheck | None = None, on_startup: Callable[[], Awaitable[None]] | None = None,
                        on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The gateway's FastAPI application."""
 
@@ -104,6 +105,17 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
     registry.register(_GatewayCollector(service))
     durations = Histogram("ef_request_duration_seconds", "Gateway request duration", ["route", "status"],
                           registry=registry)
+
+    keys = keys or KeyCheck()
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            keys.check(request.url.path, request.headers.get("authorization"))
+        except EmbedfleetError as exc:  # raised in middleware, FastAPI's handlers would not see it
+            return Response(exc.render(is_openai(request.url.path)), status_code=exc.status,
+                            media_type="application/json", headers={"www-authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.middleware("http")
     async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -203,8 +215,9 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
         })
 
     @app.delete("/cache", tags=["cache"])
-    async def clear_cache(model: str | None = None) -> Response:
-        """Delete every entry, or one model's (``?model=`` its id, as /info reports it)."""
+    async def clear_cache(request: Request, model: str | None = None) -> Response:
+        """Delete every entry, or one model's (``?model=`` its id, as /info reports it). Needs the admin key."""
+        keys.check(request.url.path, request.headers.get("authorization"), admin=True)
         tag = None
         if model is not None:
             up = service.pool.info

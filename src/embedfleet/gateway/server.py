@@ -12,6 +12,7 @@ from embedfleet.cache.tiered import TieredCache
 from embedfleet.cache.urls import open_store
 from embedfleet.config import GatewaySettings
 from embedfleet.gateway.app import create_gateway_app
+from embedfleet.gateway.auth import KeyCheck, read_key_file
 from embedfleet.gateway.service import EmbeddingService
 from embedfleet.gateway.upstream import Pool
 
@@ -30,6 +31,8 @@ def build_gateway(settings: GatewaySettings) -> FastAPI:
     cache = TieredCache(MemoryStore(settings.memory_cache_bytes), store, ttl=settings.cache_ttl,
                         read_timeout=settings.store_timeout)
     service = EmbeddingService(pool, cache, settings.max_client_batch_size)
+    api_keys = [*settings.api_key, *(read_key_file(settings.api_key_file) if settings.api_key_file else [])]
+    keys = KeyCheck(api_keys, settings.admin_key)
 
     async def on_startup() -> None:
         await pool.start()
@@ -45,7 +48,7 @@ def build_gateway(settings: GatewaySettings) -> FastAPI:
         await cache.close()
         await pool.close()
 
-    return create_gateway_app(service, settings.payload_limit, cache_enabled=settings.cache != "none",
+    return create_gateway_app(service, settings.payload_limit, cache_enabled=settings.cache != "none", keys=keys,
                               on_startup=on_startup, on_shutdown=on_shutdown)
 
 
