@@ -38,6 +38,7 @@ class WorkerProcess:
         self.log_path = log_dir / f"{self.command}.log"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.verify: object = True  # httpx's verify= for HTTPS servers
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -63,7 +64,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2, verify=self.verify).status_code == 200:  # type: ignore[arg-type]
                     return
             except httpx.TransportError:
                 pass

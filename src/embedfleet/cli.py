@@ -92,6 +92,9 @@ def gateway(
     api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeat); none: no auth.")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
     admin_key: Annotated[str | None, typer.Option(help="Key for admin routes; unset: they are off.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="CA bundle: require client certificates (mTLS).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file (its [gateway] table).")] = None,
@@ -111,7 +114,7 @@ def gateway(
         gateway_app = build_gateway(settings)
     except ValueError as exc:  # no upstream, a bad cache URL
         raise _fail(str(exc)) from None
-    serve(gateway_app, settings.host, settings.port)
+    serve(gateway_app, settings)
 
 
 def main() -> None:  # pragma: no cover - console entry point

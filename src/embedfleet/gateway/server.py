@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 import uvicorn
 from fastapi import FastAPI
@@ -52,8 +53,13 @@ def build_gateway(settings: GatewaySettings) -> FastAPI:
                               on_startup=on_startup, on_shutdown=on_shutdown)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve until interrupted (SIGTERM flushes the cache's write queue)."""
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=10, lifespan="on")
+def serve(app: FastAPI, settings: GatewaySettings) -> None:
+    """Serve until interrupted (SIGTERM flushes the cache's write queue); HTTPS and mTLS when configured."""
+    tls: dict[str, object] = {}
+    if settings.tls_cert is not None:
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+        if settings.tls_client_ca is not None:
+            tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=10, lifespan="on", **tls)  # type: ignore[arg-type]
     uvicorn.Server(config).run()
