@@ -157,10 +157,3 @@ class GatewaySettings(_Settings):
                 raise ValueError(f"TLS file {path} does not exist")
         return self
 
-    @field_validator("upstream")
-    @classmethod
-    def _upstreams(cls, value: list[str]) -> list[str]:
-        names = {u.partition("=")[0] for u in value if "=" in u.split("://")[0]}
-        if len(names) > 1:
-            raise ValueError("several models (NAME=URL with different names) are not supported yet: one pool")
-        return value

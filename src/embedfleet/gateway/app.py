@@ -28,7 +28,9 @@ from embedfleet.api.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
 )
+from embedfleet.cache.tiered import TieredCache
 from embedfleet.gateway.auth import KeyCheck
+from embedfleet.gateway.router import ModelPrefix, ModelRouter
 from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
 
 log = logging.getLogger("embedfleet.gateway")
@@ -50,42 +52,50 @@ def _cache_headers(result: EmbedResult) -> dict[str, str]:
 
 
 class _GatewayCollector(Collector):
-    """Cache and upstream figures, read at scrape time."""
+    """Cache and upstream figures of every pool, read at scrape time."""
 
-    def __init__(self, service: EmbeddingService) -> None:
-        self.service = service
+    def __init__(self, router: ModelRouter, cache: TieredCache) -> None:
+        self.router = router
+        self.cache = cache
 
     def collect(self) -> Any:
-        c = self.service.cache.counters
-        model = self.service.pool.name
-        lookups = CounterMetricFamily("ef_cache_lookups", "Unique inputs looked up, by answering tier",
-                                      labels=["model", "result"])
-        lookups.add_metric([model, "memory_hit"], c.memory_hits)
-        lookups.add_metric([model, "store_hit"], c.store_hits)
-        lookups.add_metric([model, "miss"], c.misses)
-        yield lookups
+        c = self.cache.counters
+        tiers = CounterMetricFamily("ef_cache_lookups", "Unique inputs looked up, by answering tier",
+                                    labels=["result"])
+        tiers.add_metric(["memory_hit"], c.memory_hits)
+        tiers.add_metric(["store_hit"], c.store_hits)
+        tiers.add_metric(["miss"], c.misses)
+        yield tiers
         yield CounterMetricFamily("ef_cache_store_errors", "Cache store reads or writes that failed",
                                   value=c.store_errors)
         yield CounterMetricFamily("ef_cache_writes_dropped", "Cache writes dropped (queue full or store down)",
                                   value=c.writes_dropped)
-        yield CounterMetricFamily("ef_upstream_inputs", "Inputs sent to upstreams (cache misses)",
-                                  value=self.service.upstream_inputs)
-        pool = self.service.pool
-        yield CounterMetricFamily("ef_upstream_retries", "Calls retried on another replica", value=pool.retried)
-        yield CounterMetricFamily("ef_upstream_ejections", "Replicas ejected after errors", value=pool.ejections)
-        in_flight = GaugeMetricFamily("ef_upstream_in_flight", "Inputs in flight per upstream", labels=["upstream"])
-        healthy = GaugeMetricFamily("ef_upstream_healthy", "1 when the upstream is healthy", labels=["upstream"])
-        for u in pool.upstreams:
-            in_flight.add_metric([u.url], u.in_flight)
-            healthy.add_metric([u.url], 1.0 if u.healthy else 0.0)
-        yield in_flight
-        yield healthy
+        hits = CounterMetricFamily("ef_model_cache_hits", "Unique inputs answered from the cache", labels=["model"])
+        misses = CounterMetricFamily("ef_model_cache_misses", "Unique inputs computed", labels=["model"])
+        sent = CounterMetricFamily("ef_upstream_inputs", "Inputs sent to upstreams", labels=["model"])
+        retries = CounterMetricFamily("ef_upstream_retries", "Calls retried on another replica", labels=["model"])
+        ejections = CounterMetricFamily("ef_upstream_ejections", "Replicas ejected after errors", labels=["model"])
+        in_flight = GaugeMetricFamily("ef_upstream_in_flight", "Inputs in flight per upstream",
+                                      labels=["model", "upstream"])
+        healthy = GaugeMetricFamily("ef_upstream_healthy", "1 when the upstream is healthy",
+                                    labels=["model", "upstream"])
+        for name, service in self.router.services.items():
+            hits.add_metric([name], service.hits)
+            misses.add_metric([name], service.misses)
+            sent.add_metric([name], service.upstream_inputs)
+            retries.add_metric([name], service.pool.retried)
+            ejections.add_metric([name], service.pool.ejections)
+            for u in service.pool.upstreams:
+                in_flight.add_metric([name, u.url], u.in_flight)
+                healthy.add_metric([name, u.url], 1.0 if u.healthy else 0.0)
+        yield from (hits, misses, sent, retries, ejections, in_flight, healthy)
 
 
-def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enabled: bool = True,
-                       keys: KeyCheck | None = None, on_startup: Callable[[], Awaitable[None]] | None = None,
+def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
+                       cache_enabled: bool = True, keys: KeyCheck | None = None,
+                       on_startup: Callable[[], Awaitable[None]] | None = None,
                        on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    """The gateway's FastAPI application."""
+    """The gateway's FastAPI application over the model pools."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,10 +112,9 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
     app.add_middleware(BodyLimit, limit=payload_limit)  # type: ignore[arg-type]
     install_error_handlers(app, access_log=access_log)
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(_GatewayCollector(service))
+    registry.register(_GatewayCollector(router, cache))
     durations = Histogram("ef_request_duration_seconds", "Gateway request duration", ["route", "status"],
                           registry=registry)
-
     keys = keys or KeyCheck()
 
     @app.middleware("http")
@@ -121,27 +130,36 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
     async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
-        route = request.url.path if request.url.path in _ROUTES else "other"
+        route = request.url.path if request.url.path in routes else "other"
         durations.labels(route, str(response.status_code)).observe(time.perf_counter() - started)
         return response
+
+    app.add_middleware(ModelPrefix)  # outermost: /models/{name}/... is rewritten before anything else
 
     def policy(request: Request) -> CachePolicy:
         if not cache_enabled:
             return CachePolicy(read=False, write=False)
         return CachePolicy.from_header(request.headers.get("cache-control"))
 
+    def pick(request: Request, body_model: str | None = None) -> EmbeddingService:
+        header = request.headers.get("x-model")
+        if header:
+            return router.pick(request.url.path, header)
+        return router.pick(request.url.path, body_model, strict=False)
+
     @app.post("/embed", response_model=list[list[float]], tags=["TEI"])
     async def embed(req: EmbedRequest, request: Request) -> Response:
         """Pooled embeddings, from the cache where possible."""
-        result = await service.embed(_inputs(req.inputs), normalize=req.normalize, truncate=req.truncate,
-                                     direction=req.truncation_direction, prompt_name=req.prompt_name,
-                                     dimensions=req.dimensions, policy=policy(request))
+        result = await pick(request).embed(
+            _inputs(req.inputs), normalize=req.normalize, truncate=req.truncate, direction=req.truncation_direction,
+            prompt_name=req.prompt_name, dimensions=req.dimensions, policy=policy(request))
         return json_response(result.vectors, headers=_cache_headers(result))
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
     @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
     async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request) -> Response:
-        """OpenAI-compatible embeddings, from the cache where possible."""
+        """OpenAI-compatible embeddings, from the cache where possible; ``model`` picks the pool."""
+        service = pick(request, req.model)
         result = await service.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions,
                                      policy=policy(request))
         if req.encoding_format == "base64":
@@ -150,11 +168,17 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
                     for i, v in enumerate(result.vectors)]
         else:
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
-        info = service.pool.info
         # Cached inputs are never tokenized, so their token counts are unknown: usage says 0
         # rather than invent a number.
-        return json_response({"object": "list", "data": data, "model": info.model_id if info else "unknown",
+        return json_response({"object": "list", "data": data, "model": service.pool.name,
                               "usage": {"prompt_tokens": 0, "total_tokens": 0}}, headers=_cache_headers(result))
+
+    @app.get("/v1/models", tags=["OpenAI"])
+    async def openai_models() -> Response:
+        """The served models."""
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "embedfleet",
+             "model_id": s.pool.info.model_id if s.pool.info else None} for name, s in router.services.items()]})
 
     async def passthrough(request: Request) -> Response:
         try:
@@ -163,27 +187,29 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
             raise errors.validation("Json deserialize error: invalid JSON") from None
         if not isinstance(body, dict):
             raise errors.validation("Json deserialize error: the body must be a JSON object")
-        return json_response(await service.pool.post(request.url.path, body))
+        return json_response(await pick(request).pool.post(request.url.path, body))
 
     for route in PASSTHROUGH:
         app.add_api_route(route, passthrough, methods=["POST"], tags=["TEI"],
-                          summary=f"Forwarded to the pool's {route}")
+                          summary=f"Forwarded to the model's pool: {route}")
 
     @app.get("/info", tags=["TEI"])
-    async def info() -> Response:
-        """The upstream model's /info, with the gateway's own request limits."""
+    async def info(request: Request) -> Response:
+        """The model's /info (the only one, or the one X-Model names), with the gateway's request limits."""
+        service = pick(request)
         up = service.pool.info
         if up is None:
-            raise errors.unhealthy("no upstream has answered /info yet")
-        return json_response({**up.raw, "max_client_batch_size": service.max_client_batch_size,
-                              "version": __version__,
+            raise errors.unhealthy(f"no upstream of {service.pool.name!r} has answered /info yet")
+        return json_response({**up.raw, "max_client_batch_size": max_client_batch_size, "version": __version__,
+                              "served_model_name": service.pool.name, "models": list(router.services),
                               "upstreams": [{"url": u.url, "healthy": u.healthy} for u in service.pool.upstreams]})
 
     @app.get("/health", tags=["TEI"])
     async def health() -> Response:
-        """200 while at least one upstream is healthy."""
-        if not service.pool.healthy:
-            raise errors.unhealthy("no healthy upstream")
+        """200 while every model has a healthy upstream."""
+        down = [name for name, s in router.services.items() if not s.pool.healthy]
+        if down:
+            raise errors.unhealthy(f"no healthy upstream for: {', '.join(down)}")
         return Response(status_code=200)
 
     @app.get("/metrics", tags=["TEI"])
@@ -193,38 +219,39 @@ def create_gateway_app(service: EmbeddingService, payload_limit: int, cache_enab
 
     @app.get("/cache/stats", tags=["cache"])
     async def cache_stats() -> Response:
-        """Entries and bytes per model in each tier, and the hit ratio."""
-        c = service.cache.counters
+        """Entries and bytes per model in each tier, and hit ratios."""
+        c = cache.counters
         looked = c.memory_hits + c.store_hits + c.misses
-        memory = await service.cache.memory.stats()
-        store = await service.cache.store.stats() if service.cache.store is not None else None
-        fingerprint = service.pool.info.fingerprint if service.pool.info else None
-        names = {fingerprint.tag.hex(): fingerprint.name} if fingerprint else {}
+        memory = await cache.memory.stats()
+        store = await cache.store.stats() if cache.store is not None else None
+        names = {s.pool.info.fingerprint.tag.hex(): name for name, s in router.services.items() if s.pool.info}
 
         def per_model(stats: Any) -> dict[str, Any]:
             return {names.get(tag, tag): {"entries": n, "bytes": b} for tag, (n, b) in stats.per_model.items()}
 
         return json_response({
             "hit_ratio": (c.memory_hits + c.store_hits) / looked if looked else None,
+            "models": {name: {"hits": s.hits, "misses": s.misses,
+                              "hit_ratio": s.hits / (s.hits + s.misses) if s.hits + s.misses else None}
+                       for name, s in router.services.items()},
             "lookups": {"memory_hits": c.memory_hits, "store_hits": c.store_hits, "misses": c.misses},
             "store_errors": c.store_errors,
             "memory": {"entries": memory.entries, "bytes": memory.bytes, "models": per_model(memory)},
-            "store": None if store is None else {"name": service.cache.store.name,  # type: ignore[union-attr]
-                                                 "entries": store.entries, "bytes": store.bytes,
-                                                 "models": per_model(store)},
+            "store": None if store is None or cache.store is None else {
+                "name": cache.store.name, "entries": store.entries, "bytes": store.bytes, "models": per_model(store)},
         })
 
     @app.delete("/cache", tags=["cache"])
     async def clear_cache(request: Request, model: str | None = None) -> Response:
-        """Delete every entry, or one model's (``?model=`` its id, as /info reports it). Needs the admin key."""
+        """Delete every entry, or one model's (``?model=`` a pool name or model id). Needs the admin key."""
         keys.check(request.url.path, request.headers.get("authorization"), admin=True)
         tag = None
         if model is not None:
-            up = service.pool.info
-            if up is None or model not in (up.model_id, up.fingerprint.name):
-                raise EmbedfleetError(errors.ErrorType.VALIDATION, f"model {model!r} is not served here", status=404)
-            tag = up.fingerprint.tag
-        return json_response({"deleted": await service.cache.delete(tag)})
+            service = router.pick("/embed", model)
+            if service.pool.info is None:
+                raise errors.unhealthy(f"{model!r} has not answered /info yet")
+            tag = service.pool.info.fingerprint.tag
+        return json_response({"deleted": await cache.delete(tag)})
 
-    _ROUTES = {r.path for r in app.routes if hasattr(r, "path")}  # type: ignore[attr-defined]
+    routes = {r.path for r in app.routes if hasattr(r, "path")}
     return app

@@ -66,6 +66,8 @@ class EmbeddingService:
         self._in_flight: dict[bytes, asyncio.Future[np.ndarray]] = {}
         self._tasks: set[asyncio.Task[list[np.ndarray]]] = set()
         self.upstream_inputs = 0
+        self.hits = 0
+        self.misses = 0
 
     def _info(self) -> UpstreamInfo:
         info = self.pool.info
@@ -136,7 +138,10 @@ class EmbeddingService:
 
         raw_vectors = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
         rows = [found[k] if k is not None else raw_vectors[i] for i, k in enumerate(input_keys)]
-        return EmbedResult(np.stack(rows), hits=hits, misses=len(unique) - hits + len(raw))
+        result = EmbedResult(np.stack(rows), hits=hits, misses=len(unique) - hits + len(raw))
+        self.hits += result.hits
+        self.misses += result.misses
+        return result
 
     async def _resolve(self, mine: dict[bytes, asyncio.Future[np.ndarray]], texts: list[str],
                        raw: list[str | list[int]], body: dict[str, Any], policy: CachePolicy) -> list[np.ndarray]:
