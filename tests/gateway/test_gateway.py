@@ -148,6 +148,11 @@ def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, worker
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "hit"
     stats = gateway.get("/cache/stats").json()
     assert stats["store"]["entries"] >= 1
+    assert gateway.metric("ef_cache_store_seconds_count", op="read") >= 1
+    gateway.post("/embed", {"inputs": "written after the restart"})
+    deadline = time.monotonic() + 10
+    while gateway.metric("ef_cache_store_seconds_count", op="write") < 1:  # written behind
+        assert time.monotonic() < deadline
     assert gateway.request_delete() == 401  # admin routes need the admin key
     assert httpx.delete(f"{gateway.url}/cache", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Histogram
 
 from embedfleet.cache.base import Store
 from embedfleet.cache.codec import decode, encode
@@ -49,6 +50,9 @@ class TieredCache:
         self.write_batch = write_batch
         self.backoff = backoff
         self.counters = TierCounters()
+        # Not registered anywhere: whoever serves /metrics collects it (see the gateway's collector).
+        self.store_latency = Histogram("ef_cache_store_seconds", "Cache store call latency", ["op"], registry=None,
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         # None is the stop sentinel; put() never enqueues None.
         self._queue: asyncio.Queue[tuple[bytes, bytes] | None] = asyncio.Queue(maxsize=write_queue)
         self._writer: asyncio.Task[None] | None = None
@@ -81,11 +85,13 @@ class TieredCache:
         self.counters.memory_hits += sum(v is not None for v in found)
         missing = [i for i, v in enumerate(found) if v is None]
         if missing and read_store and self.store is not None and self.store_available:
+            started = time.perf_counter()
             try:
                 stored = await asyncio.wait_for(self.store.get_many([keys[i] for i in missing]), self.read_timeout)
             except Exception as exc:  # any store failure is a miss, never a failed request
                 self._store_failed(exc, "read")
             else:
+                self.store_latency.labels("read").observe(time.perf_counter() - started)
                 backfill = []
                 for i, blob in zip(missing, stored, strict=True):
                     vector = decode(blob)
@@ -129,11 +135,14 @@ class TieredCache:
 
     async def _flush(self, batch: list[tuple[bytes, bytes]]) -> None:
         assert self.store is not None
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(self.store.set_many(batch, self.ttl), max(self.read_timeout * 8, 2.0))
         except Exception as exc:
             self.counters.writes_dropped += len(batch)
             self._store_failed(exc, "write")
+        else:
+            self.store_latency.labels("write").observe(time.perf_counter() - started)
 
     async def delete(self, model_tag: bytes | None = None) -> int:
         """Delete from both tiers; returns the larger count (the tiers overlap)."""

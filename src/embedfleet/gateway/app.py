@@ -89,6 +89,7 @@ class _GatewayCollector(Collector):
                 in_flight.add_metric([name, u.url], u.in_flight)
                 healthy.add_metric([name, u.url], 1.0 if u.healthy else 0.0)
         yield from (hits, misses, sent, retries, ejections, in_flight, healthy)
+        yield from self.cache.store_latency.collect()
 
 
 def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
