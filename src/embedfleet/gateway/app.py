@@ -75,7 +75,7 @@ class _GatewayCollector(Collector):
         sent = CounterMetricFamily("ef_upstream_inputs", "Inputs sent to upstreams", labels=["model"])
         retries = CounterMetricFamily("ef_upstream_retries", "Calls retried on another replica", labels=["model"])
         ejections = CounterMetricFamily("ef_upstream_ejections", "Replicas ejected after errors", labels=["model"])
-        in_flight = GaugeMetricFamily("ef_upstream_in_flight", "Inputs in flight per upstream",
+        in_flight = GaugeMetricFamily("ef_upstream_in_flight", "Estimated tokens in flight per upstream",
                                       labels=["model", "upstream"])
         healthy = GaugeMetricFamily("ef_upstream_healthy", "1 when the upstream is healthy",
                                     labels=["model", "upstream"])

@@ -165,11 +165,12 @@ class EmbeddingService:
         """Send the misses to the upstreams in parallel sub-batches; vectors in order."""
         if not items:
             return []
-        size = max(1, self._info().max_client_batch_size)
-        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        info = self._info()
+        chunks = split(items, max(1, info.max_client_batch_size), info.max_batch_tokens)
         self.upstream_inputs += len(items)
         results = await asyncio.gather(
-            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=len(chunk)) for chunk in chunks))
+            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate_tokens, chunk)))
+              for chunk in chunks))
         vectors: list[np.ndarray] = []
         for chunk, result in zip(chunks, results, strict=True):
             if not isinstance(result, list) or len(result) != len(chunk):
@@ -177,3 +178,27 @@ class EmbeddingService:
                                      f"vectors for {len(chunk)} inputs")
             vectors.extend(np.asarray(v, dtype=np.float32) for v in result)
         return vectors
+
+
+def estimate_tokens(item: str | list[int]) -> int:
+    """Tokens an input will take, without a tokenizer: ~4 characters a token (English BPE/WordPiece),
+    plus the special tokens. Token-id inputs are exact."""
+    return len(item) if isinstance(item, list) else len(item) // 4 + 2
+
+
+def split(items: list[str | list[int]], max_inputs: int, max_tokens: int) -> list[list[str | list[int]]]:
+    """Consecutive sub-batches of at most ``max_inputs`` inputs and about ``max_tokens`` tokens
+    (an input over the budget alone goes alone: the upstream truncates or rejects it)."""
+    chunks: list[list[str | list[int]]] = []
+    current: list[str | list[int]] = []
+    tokens = 0
+    for item in items:
+        cost = estimate_tokens(item)
+        if current and (len(current) >= max_inputs or tokens + cost > max_tokens):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(item)
+        tokens += cost
+    if current:
+        chunks.append(current)
+    return chunks

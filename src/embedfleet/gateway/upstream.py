@@ -31,6 +31,7 @@ class UpstreamInfo:
     model_id: str
     fingerprint: ModelFingerprint
     max_client_batch_size: int
+    max_batch_tokens: int
     auto_truncate: bool
     raw: dict[str, Any]
 
@@ -45,7 +46,7 @@ class UpstreamInfo:
         model_id = str(info["model_id"])
         fingerprint = ModelFingerprint(model_id, info.get("model_sha") or info.get("revision"), task, pooling)
         return cls(model_id, fingerprint, int(info.get("max_client_batch_size") or 32),
-                   bool(info.get("auto_truncate", False)), info)
+                   int(info.get("max_batch_tokens") or 16384), bool(info.get("auto_truncate", False)), info)
 
 
 def _upstream_error(response: httpx.Response) -> EmbedfleetError:
@@ -67,7 +68,7 @@ class Upstream:
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout,
                                         limits=httpx.Limits(max_keepalive_connections=64, max_connections=256))
         self.healthy = False
-        self.in_flight = 0
+        self.in_flight = 0  # estimated tokens of the calls under way
         self.info: UpstreamInfo | None = None
 
     async def refresh(self) -> bool:
