@@ -92,6 +92,8 @@ def gateway(
     api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeat); none: no auth.")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
     admin_key: Annotated[str | None, typer.Option(help="Key for admin routes; unset: they are off.")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browsers from this origin (repeat); "
+                                                                "default: no CORS.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="CA bundle: require client certificates (mTLS).")] = None,

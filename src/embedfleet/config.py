@@ -140,6 +140,7 @@ class GatewaySettings(_Settings):
     api_key: list[str] = Field(default_factory=list, description="keys accepted as Authorization: Bearer KEY")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
     admin_key: str | None = Field(None, description="key for admin routes (DELETE /cache); unset: they are off")
+    cors_origin: list[str] = Field(default_factory=list, description="origins browsers may call from (default: none)")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed (mTLS)")

@@ -58,6 +58,7 @@ def test_hit_is_byte_equal_to_miss(gateway: GatewayProcess, workers: list[Worker
     assert _computed(workers) == before + 2
     direct = workers[0].post("/embed", body)
     assert np.array_equal(np.array(direct.json(), dtype=np.float32), np.array(hit.json(), dtype=np.float32))
+    assert "access-control-allow-origin" not in gateway.post("/embed", body, headers={"origin": "https://x.example"}).headers
     partial = gateway.post("/embed", {"inputs": ["the first text", "a brand new text"]})
     assert partial.headers["x-cache"] == "partial"
 
@@ -190,7 +191,8 @@ def test_kill_a_worker_mid_load_loses_no_request(start_worker: object, tmp_path:
 def test_api_keys_and_admin_key(workers: list[WorkerProcess], tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("# team keys\nfile-key\n\n")
-    g = _gateway(workers, "memory://", tmp_path, "--api-key", "flag-key", "--api-key-file", str(key_file))
+    g = _gateway(workers, "memory://", tmp_path, "--api-key", "flag-key", "--api-key-file", str(key_file),
+                 "--cors-origin", "https://app.example")
     try:
         assert g.get("/health").status_code == 200  # open, for load balancers
         denied = g.post("/embed", {"inputs": "a"})
@@ -204,6 +206,13 @@ def test_api_keys_and_admin_key(workers: list[WorkerProcess], tmp_path: Path) ->
 
         client = OpenAI(base_url=f"{g.url}/v1", api_key="flag-key", max_retries=0)
         assert len(client.embeddings.create(model="default", input="a").data[0].embedding) == 384
+        preflight = httpx.options(f"{g.url}/embed", headers={"origin": "https://app.example",
+                                                             "access-control-request-method": "POST"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(f"{g.url}/embed", headers={"origin": "https://evil.example",
+                                                         "access-control-request-method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
         off = httpx.delete(f"{g.url}/cache", headers={"authorization": "Bearer flag-key"})
         assert off.status_code == 403  # no --admin-key: admin routes are off
     finally:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -94,7 +95,7 @@ class _GatewayCollector(Collector):
 
 def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
                        cache_enabled: bool = True, keys: KeyCheck | None = None,
-                       on_startup: Callable[[], Awaitable[None]] | None = None,
+                       cors_origins: Sequence[str] = (), on_startup: Callable[[], Awaitable[None]] | None = None,
                        on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The gateway's FastAPI application over the model pools."""
 
@@ -135,6 +136,11 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
         durations.labels(route, str(response.status_code)).observe(time.perf_counter() - started)
         return response
 
+    if cors_origins:
+        # Outside the key check, so browsers' preflight requests (which carry no key) are answered.
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type", "x-model", "cache-control"],
+                           expose_headers=["x-cache", "x-cache-hits", "x-cache-misses"])
     app.add_middleware(ModelPrefix)  # outermost: /models/{name}/... is rewritten before anything else
 
     def policy(request: Request) -> CachePolicy:

@@ -65,7 +65,7 @@ def build_gateway(settings: GatewaySettings) -> FastAPI:
         await asyncio.gather(*(p.close() for p in pools))
 
     return create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
-                              cache_enabled=settings.cache != "none", keys=keys,
+                              cache_enabled=settings.cache != "none", keys=keys, cors_origins=settings.cors_origin,
                               on_startup=on_startup, on_shutdown=on_shutdown)
 
 
