@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -16,6 +17,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedfleet.api import errors
 from embedfleet.api.errors import EmbedfleetError
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def lifespan(on_startup: Hook | None,
+             on_shutdown: Hook | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A FastAPI lifespan that runs the start-up hook, serves, then the shut-down hook."""
+
+    @asynccontextmanager
+    async def run(_: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    return run
 
 
 def is_openai(path: str) -> bool:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -23,7 +22,7 @@ from prometheus_client.registry import Collector
 from embedfleet import __version__
 from embedfleet.api import errors
 from embedfleet.api.errors import EmbedfleetError
-from embedfleet.api.http import BodyLimit, install_error_handlers, is_openai, json_response
+from embedfleet.api.http import BodyLimit, install_error_handlers, is_openai, json_response, lifespan
 from embedfleet.api.schemas import (
     EmbedRequest,
     OpenAIEmbeddingRequest,
@@ -99,17 +98,7 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
                        on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The gateway's FastAPI application over the model pools."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if on_startup is not None:
-            await on_startup()
-        try:
-            yield
-        finally:
-            if on_shutdown is not None:
-                await on_shutdown()
-
-    app = FastAPI(title="embedfleet gateway", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="embedfleet gateway", version=__version__, lifespan=lifespan(on_startup, on_shutdown),
                   description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
     app.add_middleware(BodyLimit, limit=payload_limit)  # type: ignore[arg-type]
     install_error_handlers(app, access_log=access_log)

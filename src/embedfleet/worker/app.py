@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from fastapi import FastAPI, Response
 from embedfleet import __version__
 from embedfleet.api import errors
 from embedfleet.api.errors import EmbedfleetError
-from embedfleet.api.http import BodyLimit, install_error_handlers, json_response
+from embedfleet.api.http import BodyLimit, install_error_handlers, json_response, lifespan
 from embedfleet.api.schemas import (
     DecodeRequest,
     EmbedAllRequest,
@@ -110,21 +109,11 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
                on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The worker's FastAPI application over ``state``."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if on_startup is not None:
-            await on_startup()
-        try:
-            yield
-        finally:
-            if on_shutdown is not None:
-                await on_shutdown()
-
     app = FastAPI(
         title="embedfleet worker",
         description="Text-embeddings-inference compatible inference replica (embeddings, sparse, rerank).",
         version=__version__,
-        lifespan=lifespan,
+        lifespan=lifespan(on_startup, on_shutdown),
     )
     app.add_middleware(BodyLimit, limit=state.payload_limit)  # type: ignore[arg-type]
 
