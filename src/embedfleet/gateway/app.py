@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedfleet import __version__
 from embedfleet.api import errors
@@ -92,6 +93,56 @@ class _GatewayCollector(Collector):
         yield from self.cache.store_latency.collect()
 
 
+class KeyCheckMiddleware:
+    """ASGI middleware: 401/403 before any work unless the request carries the key its route needs."""
+
+    def __init__(self, app: ASGIApp, keys: KeyCheck) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                self.keys.check(scope["path"], auth)
+            except EmbedfleetError as exc:
+                body = exc.render(is_openai(scope["path"]))
+                await send({"type": "http.response.start", "status": exc.status, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestTimer:
+    """ASGI middleware: request latency by route and status."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram, routes: set[str]) -> None:
+        self.app = app
+        self.histogram = histogram
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = scope["path"] if scope["path"] in self.routes else "other"
+            self.histogram.labels(route, str(status)).observe(time.perf_counter() - started)
+
+
 def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
                        cache_enabled: bool = True, keys: KeyCheck | None = None,
                        cors_origins: Sequence[str] = (), on_startup: Callable[[], Awaitable[None]] | None = None,
@@ -102,29 +153,14 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
                   description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
     app.add_middleware(BodyLimit, limit=payload_limit)  # type: ignore[arg-type]
     install_error_handlers(app, access_log=access_log)
+    keys = keys or KeyCheck()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_GatewayCollector(router, cache))
     durations = Histogram("ef_request_duration_seconds", "Gateway request duration", ["route", "status"],
                           registry=registry)
-    keys = keys or KeyCheck()
-
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            keys.check(request.url.path, request.headers.get("authorization"))
-        except EmbedfleetError as exc:  # raised in middleware, FastAPI's handlers would not see it
-            return Response(exc.render(is_openai(request.url.path)), status_code=exc.status,
-                            media_type="application/json", headers={"www-authenticate": "Bearer"})
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path if request.url.path in routes else "other"
-        durations.labels(route, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
-
+    routes: set[str] = set()  # filled once every route is declared, below
+    app.add_middleware(RequestTimer, histogram=durations, routes=routes)  # type: ignore[arg-type]
+    app.add_middleware(KeyCheckMiddleware, keys=keys)  # type: ignore[arg-type]
     if cors_origins:
         # Outside the key check, so browsers' preflight requests (which carry no key) are answered.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
@@ -249,5 +285,5 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
             tag = service.pool.info.fingerprint.tag
         return json_response({"deleted": await cache.delete(tag)})
 
-    routes = {r.path for r in app.routes if hasattr(r, "path")}
+    routes.update(r.path for r in app.routes if hasattr(r, "path"))
     return app

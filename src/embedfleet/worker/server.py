@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -60,6 +61,9 @@ def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
             log.error("%s", state.error, exc_info=not isinstance(exc, (ValueError, OSError)))
             return
         engine.start()
+        # Start-up objects (models, modules) never die: keep them out of every full GC pass,
+        # whose pauses were the p99 under load.
+        gc.freeze()
         state.engine = engine
         log.info("%s", summary(engine, settings, time.perf_counter() - started))
 
