@@ -37,6 +37,7 @@ lint: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/worker.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
