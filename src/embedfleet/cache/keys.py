@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 KEY_SCHEMA_VERSION = 1
 MODEL_TAG_BYTES = 8
@@ -37,7 +38,7 @@ class ModelFingerprint:
         """Canonical bytes of the fingerprint."""
         return b"".join(_field(v) for v in (self.model_id, self.revision, self.task, self.pooling))
 
-    @property
+    @cached_property
     def tag(self) -> bytes:
         """The 8-byte prefix of this model's stored keys."""
         return hashlib.blake2b(self.encode(), digest_size=MODEL_TAG_BYTES, person=b"embedfleet-model").digest()
@@ -65,11 +66,23 @@ class EmbedParams:
                 + _field(self.truncation_direction.lower()) + _field(self.prompt_name))
 
 
+class KeyHasher:
+    """Keys of many texts under one model and parameter set: the shared prefix is hashed once."""
+
+    def __init__(self, model: ModelFingerprint, params: EmbedParams) -> None:
+        self.tag = model.tag
+        self._prefix = hashlib.blake2b(digest_size=ENTRY_HASH_BYTES, person=b"embedfleet-key")
+        self._prefix.update(struct.pack("<H", KEY_SCHEMA_VERSION))
+        self._prefix.update(model.encode())
+        self._prefix.update(params.encode())
+
+    def key(self, text: str) -> bytes:
+        """The stored key of one text's vector."""
+        h = self._prefix.copy()
+        h.update(_field(text))
+        return self.tag + h.digest()
+
+
 def cache_key(model: ModelFingerprint, params: EmbedParams, text: str) -> bytes:
     """The stored key of one text's vector: model tag + BLAKE2b-256 of (schema version, model, params, text)."""
-    h = hashlib.blake2b(digest_size=ENTRY_HASH_BYTES, person=b"embedfleet-key")
-    h.update(struct.pack("<H", KEY_SCHEMA_VERSION))
-    h.update(model.encode())
-    h.update(params.encode())
-    h.update(_field(text))
-    return model.tag + h.digest()
+    return KeyHasher(model, params).key(text)

@@ -17,7 +17,7 @@ import numpy as np
 
 from embedfleet.api import errors
 from embedfleet.api.schemas import TruncationDirection
-from embedfleet.cache.keys import EmbedParams, cache_key
+from embedfleet.cache.keys import EmbedParams, KeyHasher
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.gateway.upstream import Pool, UpstreamInfo
 
@@ -97,9 +97,10 @@ class EmbeddingService:
         # Token-id inputs have no text to key on: they are computed, never cached.
         keyed: dict[bytes, str] = {}
         input_keys: list[bytes | None] = []
+        hasher = KeyHasher(info.fingerprint, params)
         for item in inputs:
             if isinstance(item, str):
-                key = cache_key(info.fingerprint, params, item)
+                key = hasher.key(item)
                 keyed.setdefault(key, item)
                 input_keys.append(key)
             else:
@@ -126,11 +127,13 @@ class EmbeddingService:
 
         # The computation is its own task: if this client goes away, the requests waiting on the
         # same keys still get their vectors, and the cache still gets them.
-        task = asyncio.get_running_loop().create_task(
-            self._resolve(mine, [keyed[k] for k in mine], [item for _, item in raw], body, policy))
-        self._tasks.add(task)  # a strong reference until done
-        task.add_done_callback(self._tasks.discard)
-        computed = await asyncio.shield(task)
+        computed: list[np.ndarray] = []
+        if mine or raw:
+            task = asyncio.get_running_loop().create_task(
+                self._resolve(mine, [keyed[k] for k in mine], [item for _, item in raw], body, policy))
+            self._tasks.add(task)  # a strong reference until done
+            task.add_done_callback(self._tasks.discard)
+            computed = await asyncio.shield(task)
         for key, vector in zip(mine, computed, strict=False):
             found[key] = vector
         for key, fut in waiting.items():
