@@ -146,3 +146,47 @@ def validate_schema(instance: Any, schema_name: str) -> None:
     schema = dict(spec["components"]["schemas"][schema_name])
     schema["components"] = spec["components"]
     OAS30Validator(schema).validate(instance)
+
+
+class ServeProcess(WorkerProcess):
+    """``embedfleet serve`` in a subprocess; its settings come from a TOML config in ``args``."""
+
+    command = "serve"
+
+    def _extra_args(self) -> list[str]:
+        return []
+
+    def start(self, wait: bool = True) -> ServeProcess:
+        """Start; with ``wait``, block until the fleet prints its "ready" line (every instance settled)."""
+        seen = self.log().count("ready: ")
+        super().start(wait)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while wait and self.log().count("ready: ") <= seen:
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve never got ready (exit code {self.proc.poll()}):\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+        return self
+
+    def admin(self, method: str, route: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """Call the admin API."""
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, f"{self.url}/admin{route}", headers=headers, timeout=120, **kwargs)
+
+    def instance(self, name: str) -> dict[str, Any]:
+        """One instance's description."""
+        r = self.admin("GET", f"/instances/{name}")
+        assert r.status_code == 200, r.text
+        data: dict[str, Any] = r.json()
+        return data
+
+    def wait_instance(self, name: str, predicate: Any, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
+        """Poll an instance until ``predicate(description)`` holds; fail with the serve log if it never does."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.instance(name)
+            if predicate(last):
+                return last
+            time.sleep(0.1)
+        raise TimeoutError(f"instance {name} never got there; last: {last}\n{self.log()[-4000:]}")

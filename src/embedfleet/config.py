@@ -105,6 +105,8 @@ class WorkerSettings(_Settings):
     tokenization_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
     payload_limit: int = Field(2_000_000, ge=1, description="largest request body in bytes")
     data_dir: Path = Field(default_factory=default_data_dir)
+    exit_on_load_failure: bool = Field(False, description="exit (code 3) when the model fails to load, instead of "
+                                                          "serving 503; what a supervisor wants")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
@@ -158,3 +160,59 @@ class GatewaySettings(_Settings):
                 raise ValueError(f"TLS file {path} does not exist")
         return self
 
+
+
+def default_state_dir() -> Path:
+    """Where the fleet keeps its desired state and instance logs."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "embedfleet" / "fleet"
+
+
+class FleetSettings(_Settings):
+    """Settings of ``embedfleet serve`` (its ``[fleet]`` table; the gateway's come from ``[gateway]``).
+
+    ``instances`` (``[[fleet.instances]]`` tables, each like a ``POST /admin/instances`` body, plus
+    ``devices = ["0", "1"]`` to spread replicas) declares what to run; without it, ``model`` is served
+    with ``replicas`` workers on ``devices`` (default: one per visible GPU, else one single-thread
+    worker per CPU core).
+    """
+
+    model: str = Field("default", description="model served when no [[fleet.instances]] are declared")
+    replicas: int | None = Field(None, ge=1, le=64, description="workers of --model (default: one per GPU or core)")
+    devices: list[str] | None = Field(None, description="devices of --model's workers: cpu, or GPU indices")
+    threads: int | None = Field(None, ge=1, description="threads per CPU worker (default 1 when one per core)")
+    backend: Literal["auto", "onnx", "torch"] | None = None
+    instances: list[dict[str, Any]] = Field(default_factory=list)
+    state_dir: Path = Field(default_factory=default_state_dir, description="desired state and instance logs")
+    port_range: str = Field("8081-8180", pattern=r"^\d{1,5}-\d{1,5}$", description="ports of spawned workers")
+    health_interval: float = Field(2.0, gt=0, description="seconds between health checks of an instance")
+    health_failures: int = Field(3, ge=1, description="failed checks in a row before a restart")
+    max_restarts: int = Field(5, ge=0, description="restarts within --restart-window before `failed`")
+    restart_window: float = Field(600.0, gt=0)
+    start_timeout: float = Field(600.0, gt=0, description="seconds a worker may take to become healthy")
+    stop_timeout: float = Field(15.0, gt=0, description="seconds between SIGTERM and SIGKILL")
+    max_instances: int = Field(64, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "0,1" from a flag or the environment
+            return [d.strip() for d in value.split(",") if d.strip()]
+        if isinstance(value, list):
+            return [str(d) for d in value]
+        return value
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        """The port range as (low, high)."""
+        low, _, high = self.port_range.partition("-")
+        return int(low), int(high)
+
+    @model_validator(mode="after")
+    def _range(self) -> FleetSettings:
+        low, high = self.ports
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"port_range {self.port_range!r} must be LOW-HIGH within 1-65535")
+        return self

@@ -146,8 +146,9 @@ class RequestTimer:
 def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
                        cache_enabled: bool = True, keys: KeyCheck | None = None,
                        cors_origins: Sequence[str] = (), on_startup: Callable[[], Awaitable[None]] | None = None,
-                       on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    """The gateway's FastAPI application over the model pools."""
+                       on_shutdown: Callable[[], Awaitable[None]] | None = None,
+                       collectors: Sequence[Collector] = ()) -> FastAPI:
+    """The gateway's FastAPI application over the model pools (``collectors``: more for /metrics)."""
 
     app = FastAPI(title="embedfleet gateway", version=__version__, lifespan=lifespan(on_startup, on_shutdown),
                   description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
@@ -156,6 +157,8 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
     keys = keys or KeyCheck()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_GatewayCollector(router, cache))
+    for collector in collectors:
+        registry.register(collector)
     durations = Histogram("ef_request_duration_seconds", "Gateway request duration", ["route", "status"],
                           registry=registry)
     routes: set[str] = set()  # filled once every route is declared, below

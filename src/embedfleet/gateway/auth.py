@@ -10,6 +10,7 @@ from pathlib import Path
 from embedfleet.api import errors
 
 OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics"})
+ADMIN_PREFIX = "/admin/"
 
 
 def read_key_file(path: Path) -> list[str]:
@@ -52,7 +53,7 @@ class KeyCheck:
             if token is None or not _matches(token, [self.admin_key]):
                 raise errors.unauthorized("this route needs the admin key (Authorization: Bearer ADMIN_KEY)")
             return
-        if path in OPEN_ROUTES or not self.api_keys:
-            return
+        if path in OPEN_ROUTES or not self.api_keys or path.startswith(ADMIN_PREFIX):
+            return  # admin routes check the admin key themselves, in their own error shape
         if token is None or not _matches(token, [*self.api_keys, *([self.admin_key] if self.admin_key else [])]):
             raise errors.unauthorized()

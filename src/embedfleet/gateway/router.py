@@ -9,7 +9,8 @@ lists the served models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -25,15 +26,54 @@ EMBEDDING_TASKS = ("embedding",)
 
 
 class ModelRouter:
-    """The pools by name, in configuration order."""
+    """The pools by name, in configuration order.
 
-    def __init__(self, services: Mapping[str, EmbeddingService]) -> None:
-        if not services:
+    With a ``factory`` the pools change at run time (the fleet's supervisor calls :meth:`join` and
+    :meth:`leave` as instances become healthy or stop); without one they are fixed at start.
+    """
+
+    def __init__(self, services: Mapping[str, EmbeddingService],
+                 factory: Callable[[str], EmbeddingService] | None = None) -> None:
+        if not services and factory is None:
             raise ValueError("at least one model pool is needed")
         self.services = dict(services)
+        self.factory = factory
 
     def _names(self) -> str:
-        return ", ".join(self.services)
+        return ", ".join(self.services) or "none yet"
+
+    def ensure(self, name: str) -> EmbeddingService:
+        """The pool called ``name``, made (empty) if it does not exist yet."""
+        service = self.services.get(name)
+        if service is None:
+            if self.factory is None:
+                raise ValueError("the pools of this gateway are fixed")
+            service = self.factory(name)
+            # A new dict, never a mutation: readers iterating the old one are not disturbed.
+            self.services = {**self.services, name: service}
+        return service
+
+    async def join(self, name: str, url: str) -> None:
+        """Route model ``name`` to the replica at ``url`` too (it must be healthy now)."""
+        await self.ensure(name).pool.add(url)
+
+    async def leave(self, name: str, url: str, drain_timeout: float = 30.0) -> None:
+        """Stop routing to ``url``; returns once its calls under way have finished (or the timeout)."""
+        service = self.services.get(name)
+        upstream = service.pool.remove(url) if service is not None else None
+        if upstream is None:
+            return
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while upstream.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await upstream.close()
+
+    async def forget(self, name: str) -> None:
+        """Drop the pool of a model no instance serves any more (its requests then get 404)."""
+        service = self.services.get(name)
+        if service is not None and not service.pool.upstreams:
+            self.services = {k: v for k, v in self.services.items() if k != name}
+            await service.pool.close()
 
     def named(self, name: str) -> EmbeddingService | None:
         """The pool with this name, or serving this model id."""

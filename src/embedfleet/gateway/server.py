@@ -6,9 +6,12 @@ import asyncio
 import gc
 import logging
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.registry import Collector
 
 from embedfleet.cache.memory import MemoryStore
 from embedfleet.cache.tiered import TieredCache
@@ -36,25 +39,47 @@ def parse_upstreams(specs: list[str]) -> dict[str, list[str]]:
     return pools
 
 
-def build_gateway(settings: GatewaySettings) -> FastAPI:
-    """The gateway app; pools are checked and the cache writer started when the server starts."""
-    if not settings.upstream:
+@dataclass
+class Gateway:
+    """The gateway app and the parts the fleet drives: the model router, the cache and the key check."""
+
+    app: FastAPI
+    router: ModelRouter
+    cache: TieredCache
+    keys: KeyCheck
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: Hook | None = None,
+                  on_shutdown: Hook | None = None, collectors: Sequence[Collector] = ()) -> Gateway:
+    """The gateway; pools are checked and the cache writer started when the server starts.
+
+    ``dynamic``: the pools follow the fleet's supervisor (``--upstream`` is then optional), which
+    checks their health; ``on_startup`` runs after the gateway's own start-up, ``on_shutdown`` before
+    the cache's write queue is flushed.
+    """
+    if not settings.upstream and not dynamic:
         raise ValueError("at least one --upstream URL is needed")
     store = open_store(settings.cache)
     cache = TieredCache(MemoryStore(settings.memory_cache_bytes), store, ttl=settings.cache_ttl,
                         read_timeout=settings.store_timeout)
     pools = [Pool(name, urls, timeout=settings.upstream_timeout, health_interval=settings.health_interval)
              for name, urls in parse_upstreams(settings.upstream).items()]
-    router = ModelRouter({p.name: EmbeddingService(p, cache, settings.max_client_batch_size) for p in pools})
+
+    def new_service(name: str) -> EmbeddingService:
+        pool = Pool(name, [], timeout=settings.upstream_timeout, health_interval=None)
+        return EmbeddingService(pool, cache, settings.max_client_batch_size)
+
+    router = ModelRouter({p.name: EmbeddingService(p, cache, settings.max_client_batch_size) for p in pools},
+                         factory=new_service if dynamic else None)
     api_keys = [*settings.api_key, *(read_key_file(settings.api_key_file) if settings.api_key_file else [])]
     keys = KeyCheck(api_keys, settings.admin_key)
 
-    async def on_startup() -> None:
+    async def startup() -> None:
         await asyncio.gather(*(p.start() for p in pools))
         cache.start()
-        # Start-up objects (models, modules) never die: keep them out of every full GC pass,
-        # whose pauses were the p99 under load.
-        gc.freeze()
         for p in pools:
             info = p.info
             log.info("pool %r: %d upstream(s), %d healthy, model=%s task=%s dim=%s", p.name, len(p.upstreams),
@@ -63,23 +88,37 @@ def build_gateway(settings: GatewaySettings) -> FastAPI:
         log.info("gateway on %s://%s:%d, cache=%s (memory tier %d MiB), %d model(s)",
                  "https" if settings.tls_cert else "http", settings.host, settings.port, settings.cache,
                  settings.memory_cache_bytes // (1024 * 1024), len(pools))
+        if on_startup is not None:
+            await on_startup()
+        # Start-up objects (models, modules) never die: keep them out of every full GC pass,
+        # whose pauses were the p99 under load.
+        gc.freeze()
 
-    async def on_shutdown() -> None:
-        await cache.close()
-        await asyncio.gather(*(p.close() for p in pools))
+    async def shutdown() -> None:
+        try:
+            if on_shutdown is not None:
+                await on_shutdown()
+        finally:
+            await cache.close()
+            await asyncio.gather(*(s.pool.close() for s in router.services.values()))
 
-    return create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
-                              cache_enabled=settings.cache != "none", keys=keys, cors_origins=settings.cors_origin,
-                              on_startup=on_startup, on_shutdown=on_shutdown)
+    app = create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
+                             cache_enabled=settings.cache != "none", keys=keys, cors_origins=settings.cors_origin,
+                             on_startup=startup, on_shutdown=shutdown, collectors=collectors)
+    return Gateway(app, router, cache, keys)
 
 
-def serve(app: FastAPI, settings: GatewaySettings) -> None:
-    """Serve until interrupted (SIGTERM flushes the cache's write queue); HTTPS and mTLS when configured."""
+def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
+    """The server's config: HTTPS and mTLS when configured; SIGTERM drains for up to 10 s."""
     tls: dict[str, object] = {}
     if settings.tls_cert is not None:
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
         if settings.tls_client_ca is not None:
             tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=10, lifespan="on", **tls)  # type: ignore[arg-type]
-    uvicorn.Server(config).run()
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=10, lifespan="on", **tls)  # type: ignore[arg-type]
+
+
+def serve(app: FastAPI, settings: GatewaySettings) -> None:
+    """Serve until interrupted (SIGTERM flushes the cache's write queue)."""
+    uvicorn.Server(uvicorn_config(app, settings)).run()

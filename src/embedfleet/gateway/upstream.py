@@ -108,9 +108,10 @@ class Upstream:
 class Pool:
     """The replicas of one model."""
 
-    def __init__(self, name: str, urls: Sequence[str], timeout: float = 60.0, health_interval: float = 1.0,
+    def __init__(self, name: str, urls: Sequence[str], timeout: float = 60.0, health_interval: float | None = 1.0,
                  retries: int = 2) -> None:
         self.name = name
+        self.timeout = timeout
         self.upstreams = [Upstream(u, timeout) for u in urls]
         self.health_interval = health_interval
         self.retries = retries
@@ -129,17 +130,52 @@ class Pool:
         return [u for u in self.upstreams if u.healthy]
 
     async def start(self) -> None:
-        """Check every replica once, then keep checking in the background."""
+        """Check every replica once, then keep checking in the background (unless ``health_interval`` is
+        None: then whoever manages the members, the fleet's supervisor, checks them)."""
         await asyncio.gather(*(u.refresh() for u in self.upstreams))
         fingerprints = {u.info.fingerprint for u in self.upstreams if u.info is not None}
         if len(fingerprints) > 1:
             raise ValueError(f"pool {self.name!r} mixes models: {sorted(f.name for f in fingerprints)}")
-        self._checker = asyncio.get_running_loop().create_task(self._check_loop(), name=f"health-{self.name}")
+        if self.health_interval is not None:
+            self._checker = asyncio.get_running_loop().create_task(self._check_loop(self.health_interval),
+                                                                   name=f"health-{self.name}")
 
-    async def _check_loop(self) -> None:
+    async def _check_loop(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(self.health_interval)
+            await asyncio.sleep(interval)
             await asyncio.gather(*(u.refresh() for u in self.upstreams))
+
+    def find(self, url: str) -> Upstream | None:
+        """The member at this URL."""
+        url = url.rstrip("/")
+        return next((u for u in self.upstreams if u.url == url), None)
+
+    async def add(self, url: str) -> Upstream:
+        """Admit a replica that answers /health now; ValueError if it serves another model than the pool."""
+        upstream = self.find(url)
+        if upstream is None:
+            upstream = Upstream(url, self.timeout)
+            if not await upstream.refresh() or upstream.info is None:
+                await upstream.close()
+                raise ValueError(f"{url} is not healthy")
+            ours = self.info
+            if ours is not None and upstream.info.fingerprint != ours.fingerprint:
+                await upstream.close()
+                raise ValueError(f"{url} serves {upstream.info.fingerprint.name}, but pool {self.name!r} serves "
+                                 f"{ours.fingerprint.name}")
+            self.upstreams = [*self.upstreams, upstream]
+            log.info("upstream %s joined pool %r", upstream.url, self.name)
+        upstream.healthy = True
+        return upstream
+
+    def remove(self, url: str) -> Upstream | None:
+        """Take a replica out: no new call goes to it. Calls under way finish; the caller closes its client
+        once the replica has drained."""
+        upstream = self.find(url)
+        if upstream is not None:
+            self.upstreams = [u for u in self.upstreams if u is not upstream]
+            log.info("upstream %s left pool %r", upstream.url, self.name)
+        return upstream
 
     def _eject(self, upstream: Upstream, reason: BaseException) -> None:
         if upstream.healthy:

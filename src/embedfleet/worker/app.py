@@ -63,6 +63,8 @@ class WorkerState:
         self.served_model_name = served_model_name
         self.payload_limit = payload_limit
         self.compute_type = "cpu"
+        self.exit_code = 0  # set when the worker must exit with an error once the server stops
+        self.stop_server: Callable[[], None] | None = None  # asks the HTTP server to shut down
 
     def ready(self) -> Engine:
         """The engine, or 503 while loading or after a failed load."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 
 import uvicorn
@@ -59,6 +60,10 @@ def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
         except Exception as exc:
             state.error = f"model failed to load: {exc}"
             log.error("%s", state.error, exc_info=not isinstance(exc, (ValueError, OSError)))
+            if settings.exit_on_load_failure:
+                state.exit_code = 3
+                if state.stop_server is not None:
+                    state.stop_server()
             return
         engine.start()
         # Start-up objects (models, modules) never die: keep them out of every full GC pass,
@@ -83,7 +88,11 @@ def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Serve until interrupted."""
-    app, _ = create_worker_app(settings)
+    app, state = create_worker_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
                             access_log=False, timeout_graceful_shutdown=10, lifespan="on")
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.exit_code:
+        sys.exit(state.exit_code)

@@ -1,0 +1,188 @@
+"""Scaling benchmark: throughput of 1 vs N replicas of one model, cold misses, through ``embedfleet serve``.
+
+Every fleet is a real ``embedfleet serve`` (gateway + supervised workers, ``cache = "none"`` so every
+text is computed) on 127.0.0.1, all started before the first measurement and measured in alternating
+rounds (A B C, C B A, ...) with fresh texts each round, so a slow spell of the shared machine hits
+every fleet alike. The load generator is the worker benchmark's: ``CLIENTS`` (8) keep-alive clients in
+this process, each posting the next batch of ``BATCH`` (32) texts when its last answer is back.
+
+On CPU (the default) the fleets are:
+- ``1x1thread``: one worker with ``--threads 1``;
+- ``Nx1thread``: N (default: the number of cores) single-thread workers, what ``embedfleet serve`` runs
+  on a CPU machine by default;
+- ``1xNthread``: one worker with N threads (the alternative to one worker per core).
+With ``--device cuda`` the replicas share GPU 0 (``devices = ["0"]``, torch fp16), and the fleets
+are 1 and N replicas on that GPU.
+
+Target: ``Nx1thread / 1x1thread`` >= 1.8x for N = 2. On this 2-core machine the load generator and the
+gateway share the two cores with the workers, so the ratio is a floor of what separate cores give.
+The table goes to stdout; the JSON document to ``--out`` (default benchmarks/results/scaling.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+from worker import BATCH, CLIENTS, _exit_on_sigterm, free_port, http_rate, make_texts, write_json
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+READY_TIMEOUT_S = 600.0
+TARGET = 1.8
+
+
+@dataclass
+class Fleet:
+    """One running ``embedfleet serve``."""
+
+    name: str
+    replicas: int
+    threads: int | None
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """What the serve process printed."""
+        return self.log_path.read_text(errors="replace")
+
+
+def _config(root: Path, replicas: int, threads: int | None, device: str, port_low: int) -> Path:
+    instance = ['name = "bench"', 'model = "default"', f"replicas = {replicas}"]
+    if device == "cuda":
+        instance += ['devices = ["0"]', 'backend = "torch"', 'dtype = "float16"']
+    else:
+        instance += ['device = "cpu"', 'backend = "onnx"']
+    if threads is not None:
+        instance.append(f"threads = {threads}")
+    path = root / "embedfleet.toml"
+    path.write_text("\n".join([
+        "[fleet]", f'state_dir = "{root / "state"}"', f'port_range = "{port_low}-{port_low + 63}"',
+        "[[fleet.instances]]", *instance, "[gateway]", 'cache = "none"', ""]))
+    return path
+
+
+@contextlib.contextmanager
+def fleet(name: str, replicas: int, threads: int | None, device: str, root: Path) -> Iterator[Fleet]:
+    """Start ``embedfleet serve``, wait for its "ready" line, stop it (SIGTERM) on the way out."""
+    folder = root / name
+    folder.mkdir()
+    port = free_port()
+    config = _config(folder, replicas, threads, device, 30000 + (port % 300) * 64)
+    log_path = folder / "serve.log"
+    cmd = [sys.executable, "-m", "embedfleet.cli", "serve", "--config", str(config), "--port", str(port),
+           "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    running = Fleet(name, replicas, threads, proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "ready: " not in running.log():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fleet {name} did not get ready:\n{running.log()[-4000:]}")
+            time.sleep(0.25)
+        instances = httpx.get(f"{running.url}/admin/instances", timeout=10).json()["instances"]
+        if [i["state"] for i in instances] != ["running"] * replicas:
+            raise RuntimeError(f"fleet {name}: {[(i['name'], i['state']) for i in instances]}")
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="N (default: the number of CPU cores, or 2 on a GPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per fleet")
+    parser.add_argument("--texts", type=int, default=1024, help="fresh texts per fleet and round")
+    parser.add_argument("--quick", action="store_true", help="1 round of 256 texts (a smoke test)")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the fleets, measure them in alternating rounds, report."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.quick:
+        args.rounds, args.texts = 1, 256
+    cores = os.cpu_count() or 1
+    n = args.replicas or (2 if args.device == "cuda" else cores)
+    if args.device == "cuda":
+        plans = [("1x", 1, None), (f"{n}x", n, None)]
+    else:
+        plans = [("1x1thread", 1, 1), (f"{n}x1thread", n, 1), (f"1x{n}thread", 1, n)]
+    log = Console(stderr=True)
+    texts = make_texts("short", args.texts * args.rounds * len(plans) + BATCH * CLIENTS)
+    warm, fresh = texts[:BATCH * CLIENTS], iter(range(BATCH * CLIENTS, len(texts), args.texts))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in plans}
+    with tempfile.TemporaryDirectory(prefix="embedfleet-scaling-") as tmp, contextlib.ExitStack() as stack:
+        fleets = []
+        for name, replicas, threads in plans:
+            log.print(f"starting fleet {name} ({replicas} worker(s), threads={threads or 'auto'})")
+            fleets.append(stack.enter_context(fleet(name, replicas, threads, args.device, Path(tmp))))
+        for f in fleets:  # one untimed pass each: connections, first batches
+            http_rate([f.url], warm)
+        for r in range(args.rounds):
+            order = fleets if r % 2 == 0 else fleets[::-1]
+            for f in order:
+                start = next(fresh)
+                # http_rate runs an untimed pass, then a timed one over the same texts: with the cache
+                # off both compute, so the timed pass is cold.
+                rate, _ = http_rate([f.url], texts[start:start + args.texts])
+                rates[f.name].append(rate)
+                log.print(f"  round {r + 1}: {f.name:<12} {rate:8.1f} embeddings/s")
+
+    mean = {name: sum(v) / len(v) for name, v in rates.items()}
+    base = plans[0][0]
+    scaled = plans[1][0]
+    ratio = mean[scaled] / mean[base]
+    table = Table(title=f"scaling through embedfleet serve ({args.device}, cold misses, {BATCH} texts/request, "
+                        f"{CLIENTS} connections)")
+    for column in ("fleet", "workers", "threads each", "embeddings/s", f"vs {base}"):
+        table.add_column(column, justify="left" if column == "fleet" else "right")
+    for name, replicas, threads in plans:
+        table.add_row(name, str(replicas), str(threads or "auto"), f"{mean[name]:,.1f}",
+                      f"{mean[name] / mean[base]:.2f}x")
+    console = Console()
+    console.print(table)
+    verdict = "PASS" if ratio >= TARGET else "FAIL"
+    console.print(f"{scaled} / {base}: {ratio:.2f}x (target >= {TARGET}x): {verdict}")
+    doc: dict[str, Any] = {
+        "benchmark": "scaling", "device": args.device, "rounds": args.rounds, "texts_per_round": args.texts,
+        "batch": BATCH, "clients": CLIENTS, "machine": {"cores": cores, "platform": platform.platform()},
+        "fleets": [{"name": name, "replicas": r, "threads": t, "embeddings_per_s": mean[name],
+                    "rounds": rates[name]} for name, r, t in plans],
+        "ratio": {"measure": f"{scaled} / {base}", "value": ratio, "target": TARGET, "passed": ratio >= TARGET},
+    }
+    out: Path = args.out or RESULTS_DIR / ("scaling-quick.json" if args.quick else f"scaling-{args.device}.json")
+    write_json(out, doc)
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
