@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the service with the default model on port 8080 (one worker until the gateway exists).
+## Run everything: the gateway on port 8080 and one worker per GPU (or per CPU core) of MODEL.
 serve: install
-	$(BIN)/embedfleet worker --model $(MODEL) --host $(HOST) --port $(PORT)
+	$(BIN)/embedfleet serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 ## Lint, type-check and run the whole test suite (slow integration tests included).
 test: install lint
@@ -38,6 +38,7 @@ lint: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/worker.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gateway.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -535,6 +535,7 @@ class Supervisor:
                 await self._read_info(instance)
                 return
             instance.last_error = why
+            instance.state = InstanceState.UNHEALTHY  # known, but not reachable yet: not "starting" forever
             await asyncio.sleep(self.settings.health_interval)
 
     async def _read_info(self, instance: Instance) -> None:
