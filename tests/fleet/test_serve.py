@@ -215,6 +215,8 @@ def test_a_worker_that_keeps_crashing_ends_failed(fleet: ServeProcess, tmp_path:
     lines = fleet.admin("GET", "/instances/broken/logs?tail=200").json()["lines"]
     assert any("model failed to load" in line for line in lines)
     assert any("gave up after 2 restarts" in line for line in lines)
+    listed = {m["id"]: m for m in fleet.admin("GET", "/models").json()["models"]}
+    assert listed[str(broken)]["source"] == "local"  # an instance's model is listed in the registry
     assert fleet.admin("DELETE", "/instances/broken").status_code == 200
 
 

@@ -8,6 +8,7 @@ without any key (the local default) leaves them open. Errors are ``{"error", "co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -105,6 +106,9 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
         except ValueError as exc:  # a replica's derived name is too long
             raise FleetError(FleetErrorCode.VALIDATION_ERROR, str(exc)) from None
         added = await supervisor.add(specs)
+        if body.model is not None and not any(m.id == body.model for m in registry.list()):
+            with contextlib.suppress(FleetError):  # listing it is a convenience; the instance is what counts
+                await registry.add(body.model, body.revision)
         if wait:
             await asyncio.gather(*(settle(i.name, timeout) for i in added))
         return _json({"instances": [i.describe() for i in added]}, status=201)
@@ -122,15 +126,18 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
         await supervisor.remove(name)
         return _json({"deleted": name})
 
+    async def launched(name: str, wait: bool, timeout: float) -> Response:
+        if wait:
+            await settle(name, timeout)
+        return _json(supervisor.get(name).describe())
+
     @router.post("/instances/{name}/start")
     async def start_instance(name: str, request: Request, wait: bool = False,
                              timeout: float = Query(600.0, gt=0, le=3600)) -> Response:
         """Start a stopped or failed instance."""
         authorize(request)
         await supervisor.start(name)
-        if wait:
-            await settle(name, timeout)
-        return _json(supervisor.get(name).describe())
+        return await launched(name, wait, timeout)
 
     @router.post("/instances/{name}/stop")
     async def stop_instance(name: str, request: Request) -> Response:
@@ -144,9 +151,7 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
         """Stop and start again, with a fresh restart budget."""
         authorize(request)
         await supervisor.restart(name)
-        if wait:
-            await settle(name, timeout)
-        return _json(supervisor.get(name).describe())
+        return await launched(name, wait, timeout)
 
     @router.get("/instances/{name}/logs")
     async def instance_logs(name: str, request: Request, tail: int = Query(100, ge=0, le=1000)) -> Response:
