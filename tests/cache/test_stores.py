@@ -109,3 +109,71 @@ def test_lmdb_survives_restart_and_is_shared_between_processes(tmp_path: Path) -
         await store.close()
 
     asyncio.run(reopen())
+
+
+def test_memory_tier_keeps_checked_entries_and_counts_rendered_forms() -> None:
+    import base64
+
+    import orjson
+
+    from embedfleet.cache.tiered import TieredCache
+
+    async def run() -> None:
+        memory = MemoryStore()
+        cache = TieredCache(memory, None)
+        vectors = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+        keys = [k for k, _ in _entries(A, 3)]
+        await cache.put(list(zip(keys, vectors, strict=True)))
+        base = (await memory.stats()).bytes
+        assert base == sum(len(k) + len(encode(v)) for k, v in zip(keys, vectors, strict=True))
+        found, missing = cache.lookup_memory(keys)
+        assert not missing and cache.counters.memory_hits == 3
+        for entry, v in zip(found, vectors, strict=True):
+            assert entry is not None and entry.vector is not None and entry.vector.tobytes() == v.tobytes()
+            assert entry.json() == orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)
+            assert entry.b64() == b'"' + base64.b64encode(v.tobytes()) + b'"'
+        # Served from memory: the rendered forms are kept, and counted against the bound.
+        extra = sum(len(e.json()) + len(e.b64()) for e in found if e is not None)
+        assert (await memory.stats()).bytes == base + extra
+        assert await memory.delete() == 3 and (await memory.stats()).bytes == 0
+
+    asyncio.run(run())
+
+
+def test_fresh_entries_keep_no_rendered_forms_and_the_bound_holds() -> None:
+    from embedfleet.cache.memory import Entry
+
+    async def run() -> None:
+        entries = _entries(A, 6)
+        size = len(entries[0][0]) + len(entries[0][1])
+        store = MemoryStore(max_bytes=size * 4)
+        await store.set_many(entries[:4])
+        Entry.from_blob(entries[4][1]).json()  # rendered for a response only: not served from memory
+        assert (await store.stats()).bytes == size * 4
+        hot = store.lookup([entries[0][0]])[0]
+        assert hot is not None
+        hot.json()  # kept: over the bound now, so the least recently used entries go
+        stats = await store.stats()
+        assert stats.bytes <= size * 4 and store.evictions >= 1
+        assert stats.bytes == sum(len(k) + e.size for k, e in store._data.items())
+        assert (await store.get_many([entries[0][0]]))[0] == entries[0][1]  # the hot entry stayed
+
+    asyncio.run(run())
+
+
+def test_memory_tier_reads_corrupt_and_expired_values_as_misses() -> None:
+    from embedfleet.cache.tiered import TieredCache
+
+    async def run() -> None:
+        memory = MemoryStore()
+        cache = TieredCache(memory, None)
+        good, bad, old = (k for k, _ in _entries(A, 3))
+        blob = bytearray(encode(np.ones(4, dtype=np.float32)))
+        blob[-1] ^= 1
+        await memory.set_many([(good, encode(np.ones(4, dtype=np.float32))), (bad, bytes(blob)),
+                               (old, encode(np.ones(4, dtype=np.float32), expires_at=1.0))])
+        got = await cache.get([good, bad, old])
+        assert got[0] is not None and got[1] is None and got[2] is None
+        assert cache.counters.memory_hits == 1 and cache.counters.misses == 2
+
+    asyncio.run(run())

@@ -7,12 +7,12 @@ Responses say what the cache did: ``X-Cache: hit|miss|partial`` with ``X-Cache-H
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -50,6 +50,26 @@ def _inputs(value: str | list[Any]) -> list[str | list[int]]:
 
 def _cache_headers(result: EmbedResult) -> dict[str, str]:
     return {"x-cache": result.cache_status, "x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
+
+
+def render_embed(result: EmbedResult) -> bytes:
+    """The /embed body: the vectors as a JSON array of arrays, byte for byte what ``orjson.dumps`` writes
+    for the float32 matrix, joined from each entry's (cached) JSON."""
+    return b"[" + b",".join([row.json() for row in result.rows]) + b"]"
+
+
+_USAGE = b'"usage":{"prompt_tokens":0,"total_tokens":0}}'
+
+
+def render_openai(result: EmbedResult, model: str, base64: bool) -> bytes:
+    """The /v1/embeddings body, byte for byte what ``orjson.dumps`` writes for the response object.
+
+    Cached inputs are never tokenized, so their token counts are unknown: usage says 0 rather than
+    invent a number.
+    """
+    data = [b'{"object":"embedding","index":%d,"embedding":%b}' % (i, row.b64() if base64 else row.json())
+            for i, row in enumerate(result.rows)]
+    return b'{"object":"list","data":[' + b",".join(data) + b'],"model":' + orjson.dumps(model) + b"," + _USAGE
 
 
 class _GatewayCollector(Collector):
@@ -185,7 +205,7 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
         result = await pick(request).embed(
             _inputs(req.inputs), normalize=req.normalize, truncate=req.truncate, direction=req.truncation_direction,
             prompt_name=req.prompt_name, dimensions=req.dimensions, policy=policy(request))
-        return json_response(result.vectors, headers=_cache_headers(result))
+        return Response(render_embed(result), media_type="application/json", headers=_cache_headers(result))
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
     @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
@@ -194,16 +214,8 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
         service = pick(request, req.model)
         result = await service.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions,
                                      policy=policy(request))
-        if req.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
-                    for i, v in enumerate(result.vectors)]
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
-        # Cached inputs are never tokenized, so their token counts are unknown: usage says 0
-        # rather than invent a number.
-        return json_response({"object": "list", "data": data, "model": service.pool.name,
-                              "usage": {"prompt_tokens": 0, "total_tokens": 0}}, headers=_cache_headers(result))
+        return Response(render_openai(result, service.pool.name, req.encoding_format == "base64"),
+                        media_type="application/json", headers=_cache_headers(result))
 
     @app.get("/v1/models", tags=["OpenAI"])
     async def openai_models() -> Response:
