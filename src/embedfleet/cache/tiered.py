@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from embedfleet.cache.base import Store
-from embedfleet.cache.memory import Entry, MemoryStore
+from embedfleet.cache.memory import BLOB, EXPIRES, VECTOR, Entry, MemoryStore, entry_from_blob, entry_from_vector
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ class TieredCache:
         missing: list[int] = []
         now = 0.0
         for i, entry in enumerate(found):
-            if entry is None or entry.vector is None:
+            if entry is None or entry[VECTOR] is None:
                 found[i] = None
                 missing.append(i)
-            elif entry.expires_at:
+            elif entry[EXPIRES]:
                 now = now or time.time()
-                if entry.expires_at <= now:
+                if entry[EXPIRES] <= now:
                     found[i] = None
                     missing.append(i)
         self.counters.memory_hits += len(found) - len(missing)
@@ -114,8 +114,8 @@ class TieredCache:
                 for i, blob in zip(missing, stored, strict=True):
                     if blob is None:
                         continue
-                    entry = Entry.from_blob(bytes(blob))
-                    if entry.vector is not None and not entry.expired(now):
+                    entry = entry_from_blob(bytes(blob))
+                    if entry[VECTOR] is not None and not (entry[EXPIRES] and entry[EXPIRES] <= now):
                         found[i] = entry
                         backfill.append((keys[i], entry))
                         self.counters.store_hits += 1
@@ -132,11 +132,11 @@ class TieredCache:
 
     async def get(self, keys: Sequence[bytes], read_store: bool = True) -> list[np.ndarray | None]:
         """Vectors for the keys (None for misses); corrupt or expired entries are misses."""
-        return [None if e is None else e.vector for e in await self.lookup(keys, read_store)]
+        return [None if e is None else e[VECTOR] for e in await self.lookup(keys, read_store)]
 
     def entry(self, vector: np.ndarray) -> Entry:
         """A value for a vector, with this cache's expiry (float32, as stored)."""
-        return Entry.from_vector(vector, time.time() + self.ttl if self.ttl else 0.0)
+        return entry_from_vector(vector, time.time() + self.ttl if self.ttl else 0.0)
 
     def store_entries(self, items: Sequence[tuple[bytes, Entry]]) -> None:
         """Cache entries: memory now, the store through the write-behind queue."""
@@ -145,7 +145,7 @@ class TieredCache:
             return
         for key, entry in items:
             try:
-                self._queue.put_nowait((key, entry.blob))
+                self._queue.put_nowait((key, entry[BLOB]))
             except asyncio.QueueFull:
                 self.counters.writes_dropped += 1
 

@@ -55,7 +55,7 @@ def _cache_headers(result: EmbedResult) -> dict[str, str]:
 def render_embed(result: EmbedResult) -> bytes:
     """The /embed body: the vectors as a JSON array of arrays, byte for byte what ``orjson.dumps`` writes
     for the float32 matrix, joined from each entry's (cached) JSON."""
-    return b"[" + b",".join([row.json() for row in result.rows]) + b"]"
+    return b"[" + b",".join(result.json_rows()) + b"]"
 
 
 _USAGE = b'"usage":{"prompt_tokens":0,"total_tokens":0}}'
@@ -67,8 +67,8 @@ def render_openai(result: EmbedResult, model: str, base64: bool) -> bytes:
     Cached inputs are never tokenized, so their token counts are unknown: usage says 0 rather than
     invent a number.
     """
-    data = [b'{"object":"embedding","index":%d,"embedding":%b}' % (i, row.b64() if base64 else row.json())
-            for i, row in enumerate(result.rows)]
+    data = [b'{"object":"embedding","index":%d,"embedding":%b}' % (i, row)
+            for i, row in enumerate(result.b64_rows() if base64 else result.json_rows())]
     return b'{"object":"list","data":[' + b",".join(data) + b'],"model":' + orjson.dumps(model) + b"," + _USAGE
 
 

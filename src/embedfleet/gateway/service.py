@@ -18,7 +18,7 @@ import numpy as np
 from embedfleet.api import errors
 from embedfleet.api.schemas import TruncationDirection
 from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
-from embedfleet.cache.memory import Entry
+from embedfleet.cache.memory import B64, JSON, VECTOR, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.gateway.upstream import Pool, UpstreamInfo
 
@@ -49,11 +49,40 @@ class EmbedResult:
     rows: list[Entry]
     hits: int
     misses: int
+    memory: MemoryStore | None = None
+    served: Sequence[bytes | None] = ()
+    """Per row, the key of a row the memory tier answered (its rendered forms are worth keeping there)."""
 
     @property
     def vectors(self) -> np.ndarray:
         """The vectors as one float32 array, in input order."""
-        return np.stack([row.vector for row in self.rows if row.vector is not None])
+        return np.stack([row[VECTOR] for row in self.rows if row[VECTOR] is not None])
+
+    def json_rows(self) -> list[bytes]:
+        """Each vector as a JSON array (kept in the memory tier for rows it answered)."""
+        out = []
+        for i, row in enumerate(self.rows):
+            rendered = row[JSON]
+            if rendered is None:
+                rendered = render_json(row)
+                key = self.served[i] if self.served else None
+                if key is not None and self.memory is not None:
+                    self.memory.keep(key, row, json=rendered)
+            out.append(rendered)
+        return out
+
+    def b64_rows(self) -> list[bytes]:
+        """Each vector's float32 bytes as a base64 JSON string (kept in the memory tier for rows it answered)."""
+        out = []
+        for i, row in enumerate(self.rows):
+            rendered = row[B64]
+            if rendered is None:
+                rendered = render_b64(row)
+                key = self.served[i] if self.served else None
+                if key is not None and self.memory is not None:
+                    self.memory.keep(key, row, b64=rendered)
+            out.append(rendered)
+        return out
 
     @property
     def cache_status(self) -> str:
@@ -126,17 +155,22 @@ class EmbeddingService:
                 raw.append((i, item))
         unique = list(keyed)
         found: dict[bytes, Entry] = {}
+        from_memory: set[bytes] = set()
         if unique and policy.read:
             entries, missing = self.cache.lookup_memory(unique)
             if missing:
+                from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
                 await self.cache.lookup_rest(unique, entries, missing)
             elif not raw:  # every input hit: no futures, no task, no waiting
                 hits = len(unique)
                 self.hits += hits
+                served: list[bytes | None] = list(unique)
                 if hits != len(inputs):  # duplicates in the request
                     by_key = dict(zip(unique, entries, strict=True))
                     entries = [by_key[k] for k in input_keys if k is not None]
-                return EmbedResult([e for e in entries if e is not None], hits=hits, misses=0)
+                    served = input_keys
+                return EmbedResult([e for e in entries if e is not None], hits=hits, misses=0,
+                                   memory=self.cache.memory, served=served)
             for key, entry in zip(unique, entries, strict=True):
                 if entry is not None:
                     found[key] = entry
@@ -175,7 +209,8 @@ class EmbeddingService:
 
         raw_entries = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
         rows = [found[k] if k is not None else raw_entries[i] for i, k in enumerate(input_keys)]
-        result = EmbedResult(rows, hits=hits, misses=len(unique) - hits + len(raw))
+        result = EmbedResult(rows, hits=hits, misses=len(unique) - hits + len(raw), memory=self.cache.memory,
+                             served=[k if k in from_memory else None for k in input_keys] if from_memory else ())
         self.hits += result.hits
         self.misses += result.misses
         return result
