@@ -52,10 +52,22 @@ def _cache_headers(result: EmbedResult) -> dict[str, str]:
     return {"x-cache": result.cache_status, "x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
 
 
+def _joined(items: list[bytes], opening: bytes, closing: bytes) -> list[bytes]:
+    """``opening``, the items with commas between, ``closing``: parts for one ``b"".join``, so a large
+    body is copied once."""
+    parts = [opening]
+    for item in items:
+        parts += (item, b",")
+    if items:
+        parts.pop()
+    parts.append(closing)
+    return parts
+
+
 def render_embed(result: EmbedResult) -> bytes:
     """The /embed body: the vectors as a JSON array of arrays, byte for byte what ``orjson.dumps`` writes
     for the float32 matrix, joined from each entry's (cached) JSON."""
-    return b"[" + b",".join(result.json_rows()) + b"]"
+    return b"".join(_joined(result.json_rows(), b"[", b"]"))
 
 
 _USAGE = b'"usage":{"prompt_tokens":0,"total_tokens":0}}'
@@ -67,9 +79,13 @@ def render_openai(result: EmbedResult, model: str, base64: bool) -> bytes:
     Cached inputs are never tokenized, so their token counts are unknown: usage says 0 rather than
     invent a number.
     """
-    data = [b'{"object":"embedding","index":%d,"embedding":%b}' % (i, row)
-            for i, row in enumerate(result.b64_rows() if base64 else result.json_rows())]
-    return b'{"object":"list","data":[' + b",".join(data) + b'],"model":' + orjson.dumps(model) + b"," + _USAGE
+    parts = [b'{"object":"list","data":[']
+    for i, row in enumerate(result.b64_rows() if base64 else result.json_rows()):
+        parts += (b'{"object":"embedding","index":%d,"embedding":' % i, row, b"},")
+    if len(parts) > 1:
+        parts[-1] = b"}"  # the last object's closing brace, without the comma
+    parts += (b'],"model":', orjson.dumps(model), b",", _USAGE)
+    return b"".join(parts)
 
 
 class _GatewayCollector(Collector):
