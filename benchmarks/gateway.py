@@ -5,11 +5,13 @@ processes (``--cache memory://``) on 127.0.0.1, and the reference proxy of ``ben
 The texts are the worker benchmark's deterministic short English-like sentences (~18 tokens); each text is
 used once per cache, so a "fresh" text has never been seen by any process.
 
-The load generator runs in this process: ``CLIENTS`` (8) ``httpx.AsyncClient`` objects of one keep-alive
-connection each, on one event loop (uvloop when installed), share one list of pre-serialised request
-bodies; each client posts the next body as soon as its last answer is back (a closed loop). A run stops
-after a number of requests or a time limit, whichever comes first. Each request's latency is taken with
-``time.perf_counter`` around the POST; embeddings/s and requests/s count answered requests over the wall
+The load generator runs in this process: ``CLIENTS`` (8) keep-alive HTTP/1.1 connections (:class:`Connection`:
+asyncio streams writing pre-built requests and reading ``Content-Length`` bodies), on one event loop (uvloop
+when installed), share one list of pre-serialised requests; each connection sends the next request as soon
+as its last answer is back (a closed loop). Every server of a comparison (worker, gateway, reference proxy)
+is measured with this same client in the same run. A run stops after a number of requests or a time limit,
+whichever comes first. Each request's latency is taken with ``time.perf_counter`` around the request and
+its answer; embeddings/s and requests/s count answered requests over the wall
 time of the run. Hit runs are preceded by an untimed warm-up with the same bodies. A/B comparisons are
 measured in alternating rounds (A B, B A, A B, ...) and each side's rounds are summed, so a slow spell
 of a neighbour on the machine hits both sides alike. The CPU time of every server process under test
@@ -50,9 +52,12 @@ How to read the targets (PASS/FAIL beside them; the exit code ignores them):
   replicas. On a 2-core machine the load generator and the gateway share the two cores with the two
   workers, so 2x is out of reach here by construction.
 
-The load generator shares the machine with the servers (2 cores here), and httpx costs about half a
-millisecond of CPU per request: a server that needs less than that per request is measured at the client's
-speed. The ``client busy`` column is the load generator's share of one core during a run; at 90% and more
+The load generator shares the machine with the servers (2 cores here). It used to be httpx, which costs
+about half a millisecond of CPU per request: a server that needed less than that was measured at the
+client's speed, and the gateway and the reference proxy looked alike. The lean client needs some 15 to 60
+microseconds a request (more for larger answers); no process is pinned to a core, for any server alike, and
+with the client on one core and the single-process server under test on the other, neither waits for the
+other's CPU. The ``client busy`` column is the load generator's share of one core during a run; at 90% and more
 the run measured the client, not the server, and a throughput ratio between two such servers says little.
 The ``server CPU per request, reference proxy / gateway`` ratios compare the servers' own CPU cost for the
 same answers, independent of the client and of other load on the machine: read them beside the
@@ -346,34 +351,104 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-async def _drive(clients: list[httpx.AsyncClient], load: Load, bounds: Bounds, run: Run) -> None:
-    """Post bodies from ``load`` on every client until the bounds are reached; record into ``run``."""
-    total = bounds.requests if load.cycle else min(bounds.requests, len(load.bodies))
-    todo = iter(range(total))  # shared by the clients: one event loop, so no lock is needed
+class LoadError(Exception):
+    """A request the load generator could not complete (connection lost, malformed answer)."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection of the load generator: pre-built requests out, answers in.
+
+    Deliberately lean (asyncio streams, no per-request objects beyond the answer's bytes): httpx costs
+    about half a millisecond of CPU per request, more than the gateway needs to answer one, so with it
+    the load generator, not the server, was measured. Answers must carry ``Content-Length`` (uvicorn's
+    do for every response of the servers measured here).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        """Connect (again)."""
+        self.close()
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        """Drop the connection."""
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes, bytes]:
+        """Send one pre-built request; its status, lower-cased head and body."""
+        if self.reader is None or self.writer is None:
+            await self.open()
+            assert self.reader is not None and self.writer is not None
+        try:
+            self.writer.write(raw)
+            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+            start = head.find(b"\r\ncontent-length:")
+            if start < 0:
+                raise LoadError("answer without content-length")
+            start += len(b"\r\ncontent-length:")
+            body = await self.reader.readexactly(int(head[start:head.index(b"\r", start)]))
+            return int(head[9:12]), head, body
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            self.close()
+            raise LoadError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def header_value(head: bytes, name: bytes) -> str | None:
+    """A header's value from a lower-cased response head (``name`` lower case)."""
+    start = head.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    start += len(name) + 3
+    return head[start:head.index(b"\r", start)].strip().decode("latin-1")
+
+
+def build_requests(url: str, path: str, bodies: Sequence[bytes]) -> list[bytes]:
+    """Complete HTTP/1.1 POST requests of JSON bodies, ready to write."""
+    host = url.split("://", 1)[1].rstrip("/")
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: "
+    return [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
+
+
+async def _drive(connections: list[Connection], load: Load, requests: list[bytes], bounds: Bounds,
+                 run: Run) -> None:
+    """Send requests of ``load`` on every connection until the bounds are reached; record into ``run``."""
+    total = bounds.requests if load.cycle else min(bounds.requests, len(requests))
+    todo = iter(range(total))  # shared by the connections: one event loop, so no lock is needed
     cpu_before = {role: process_cpu_s(pid) for role, pid in load.processes.items()}
     client_before = time.process_time()
     started = time.perf_counter()
     deadline = started + bounds.seconds
+    latencies = run.latencies_s
+    cache = run.cache
 
-    async def client_loop(http: httpx.AsyncClient) -> None:
+    async def client_loop(connection: Connection) -> None:
         for i in todo:
             if time.perf_counter() >= deadline or run.errors >= MAX_ERRORS:
                 return
             sent = time.perf_counter()
             try:
-                response = await http.post(load.path, content=load.bodies[i % len(load.bodies)])
-            except httpx.HTTPError as exc:
-                run.error(f"{type(exc).__name__}: {exc}")
+                status, head, body = await connection.request(requests[i % len(requests)])
+            except LoadError as exc:
+                run.error(str(exc))
                 continue
             latency = time.perf_counter() - sent
-            if response.status_code != 200:
-                run.error(f"{response.status_code}: {response.text[:300]}")
+            if status != 200:
+                run.error(f"{status}: {body[:300].decode(errors='replace')}")
                 continue
             run.requests += 1
-            run.latencies_s.append(latency)
-            run.cache[response.headers.get("x-cache", "none")] += 1
+            latencies.append(latency)
+            cache[header_value(head, b"x-cache") or "none"] += 1
 
-    await asyncio.gather(*(client_loop(c) for c in clients))
+    # A watchdog for the whole run rather than a timer per request: the load generator stays lean.
+    await asyncio.wait_for(asyncio.gather(*(client_loop(c) for c in connections)),
+                           bounds.seconds + REQUEST_TIMEOUT_S)
     run.elapsed_s += time.perf_counter() - started
     run.client_cpu_s += time.process_time() - client_before
     for role, pid in load.processes.items():
@@ -382,19 +457,24 @@ async def _drive(clients: list[httpx.AsyncClient], load: Load, bounds: Bounds, r
 
 
 def run_load(load: Load) -> Run:
-    """One load: ``load.connections`` keep-alive clients, an optional untimed warm-up, then the timed run."""
+    """One load: ``load.connections`` keep-alive connections, an optional untimed warm-up, then the timed run."""
 
     async def go() -> Run:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(httpx.AsyncClient(
-                base_url=load.url, timeout=REQUEST_TIMEOUT_S, limits=limits, headers=JSON))
-                for _ in range(load.connections)]
+        host, _, port = load.url.split("://", 1)[1].rstrip("/").rpartition(":")
+        connections = [Connection(host, int(port)) for _ in range(load.connections)]
+        requests = build_requests(load.url, load.path, load.bodies)
+        try:
+            for connection in connections:
+                await connection.open()
             if load.warmup is not None:
-                await _drive(clients, load, load.warmup, Run(load.name, load.texts_per_request, load.connections))
+                await _drive(connections, load, requests, load.warmup,
+                             Run(load.name, load.texts_per_request, load.connections))
             run = Run(load.name, load.texts_per_request, load.connections)
-            await _drive(clients, load, load.bounds, run)
+            await _drive(connections, load, requests, load.bounds, run)
             return run
+        finally:
+            for connection in connections:
+                connection.close()
 
     return run_async(go())
 

@@ -67,3 +67,9 @@ def test_corrupt_torn_or_expired_values_are_misses() -> None:
     expiring = encode(np.ones(4, dtype=np.float32), expires_at=1000.0)
     assert decode(expiring, now=999.0) is not None
     assert decode(expiring, now=1000.0) is None
+
+
+def test_keys_of_stored_entries_never_change() -> None:
+    # Persistent stores hold entries under these keys: a changed hash input is a cold cache for everyone.
+    key = cache_key(ModelFingerprint("a", "b", "embedding", "mean"), EmbedParams(prompt_name="q"), "héllo")
+    assert key.hex() == "e4547a0b228b227585b57fe10e2a90ae376799ef0c5a2b447359a50f233a7b419bdb9422a235d01f"

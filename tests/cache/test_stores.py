@@ -109,3 +109,84 @@ def test_lmdb_survives_restart_and_is_shared_between_processes(tmp_path: Path) -
         await store.close()
 
     asyncio.run(reopen())
+
+
+def test_memory_tier_keeps_checked_entries_and_counts_rendered_forms() -> None:
+    import base64
+    import gc
+
+    import orjson
+
+    from embedfleet.cache.memory import render_b64, render_json
+    from embedfleet.cache.tiered import TieredCache
+
+    async def run() -> None:
+        memory = MemoryStore()
+        cache = TieredCache(memory, None)
+        vectors = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+        keys = [k for k, _ in _entries(A, 3)]
+        await cache.put(list(zip(keys, vectors, strict=True)))
+        base = (await memory.stats()).bytes
+        assert base == sum(len(k) + len(encode(v)) for k, v in zip(keys, vectors, strict=True))
+        found, missing = cache.lookup_memory(keys)
+        assert not missing and cache.counters.memory_hits == 3
+        extra = 0
+        for key, entry, v in zip(keys, found, vectors, strict=True):
+            assert entry is not None and entry[1] is not None and entry[1].tobytes() == v.tobytes()
+            json, b64 = render_json(entry), render_b64(entry)
+            assert json == orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)
+            assert b64 == b'"' + base64.b64encode(v.tobytes()) + b'"'
+            memory.keep(key, entry, json=json)
+            memory.keep(key, entry, b64=b64)  # no longer the entry held: ignored
+            memory.keep(key, memory.lookup([key])[0], b64=b64)  # type: ignore[arg-type]
+            extra += len(json) + len(b64)
+        # Kept rendered forms count against the bound, and are served as they were rendered.
+        assert (await memory.stats()).bytes == base + extra
+        again, _ = cache.lookup_memory(keys)
+        assert [render_json(e) for e in again if e] == [orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY)
+                                                        for v in vectors]
+        gc.collect()
+        assert not any(gc.is_tracked(e) for e in again)  # a full collection never walks the cache
+        assert await memory.delete() == 3 and (await memory.stats()).bytes == 0
+
+    asyncio.run(run())
+
+
+def test_kept_rendered_forms_respect_the_bound() -> None:
+    from embedfleet.cache.memory import render_json
+
+    async def run() -> None:
+        entries = _entries(A, 6)
+        size = len(entries[0][0]) + len(entries[0][1])
+        store = MemoryStore(max_bytes=size * 4)
+        await store.set_many(entries[:4])
+        assert (await store.stats()).bytes == size * 4
+        hot = store.lookup([entries[0][0]])[0]
+        assert hot is not None
+        store.keep(entries[0][0], hot, json=render_json(hot))  # over the bound now: the least recently used go
+        stats = await store.stats()
+        assert stats.bytes <= size * 4 and store.evictions >= 1
+        assert stats.bytes == sum(size + len(e[3] or b"") for e in store._data.values())
+        assert (await store.get_many([entries[0][0]]))[0] == entries[0][1]  # the hot entry stayed
+        await store.set_many(entries[:1])  # replaced: the rendered form goes with the old value
+        assert (await store.stats()).bytes == size * len(store._data)
+
+    asyncio.run(run())
+
+
+def test_memory_tier_reads_corrupt_and_expired_values_as_misses() -> None:
+    from embedfleet.cache.tiered import TieredCache
+
+    async def run() -> None:
+        memory = MemoryStore()
+        cache = TieredCache(memory, None)
+        good, bad, old = (k for k, _ in _entries(A, 3))
+        blob = bytearray(encode(np.ones(4, dtype=np.float32)))
+        blob[-1] ^= 1
+        await memory.set_many([(good, encode(np.ones(4, dtype=np.float32))), (bad, bytes(blob)),
+                               (old, encode(np.ones(4, dtype=np.float32), expires_at=1.0))])
+        got = await cache.get([good, bad, old])
+        assert got[0] is not None and got[1] is None and got[2] is None
+        assert cache.counters.memory_hits == 1 and cache.counters.misses == 2
+
+    asyncio.run(run())

@@ -217,3 +217,80 @@ def test_api_keys_and_admin_key(workers: list[WorkerProcess], tmp_path: Path) ->
         assert off.status_code == 403  # no --admin-key: admin routes are off
     finally:
         g.stop()
+
+
+FAST_PATH_CASES = [
+    ("/embed", {"inputs": ["fast path one", "fast path two", "fast path one"]}, {}),
+    ("/embed", {"inputs": "fast path one", "truncation_direction": "LEFT", "unknown_field": 1}, {}),
+    ("/embed", {"inputs": ["fast path one"], "normalize": False, "dimensions": 8}, {}),
+    ("/embed", {"inputs": [[101, 7592, 102], "fast path two"]}, {}),  # token ids: computed, never cached
+    ("/embed", {"inputs": "fast path one"}, {"cache-control": "no-store"}),
+    ("/models/default/embed", {"inputs": "fast path one"}, {}),
+    ("/v1/embeddings", {"input": ["fast path one", "fast path two"], "model": "default"}, {}),
+    ("/v1/embeddings", {"input": ["fast path one", "fast path two"], "encoding_format": "BASE64"}, {}),
+    ("/embeddings", {"input": "fast path one", "encoding_format": "float", "dimensions": 16}, {}),
+    # errors: every status and body as FastAPI's routes write them
+    ("/embed", {"inputs": []}, {}),
+    ("/embed", {"inputs": 5}, {}),
+    ("/embed", {"inputs": "x", "normalize": "yes"}, {}),
+    ("/embed", {"inputs": ["x"] * 2049}, {}),
+    ("/embed", {"inputs": "fast path one"}, {"x-model": "nobody"}),
+    ("/models/nobody/embed", {"inputs": "fast path one"}, {}),
+    ("/v1/embeddings", {"input": []}, {}),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, {}),
+    ("/v1/embeddings", {"inputs": "x"}, {}),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "headers"), FAST_PATH_CASES)
+def test_fast_path_answers_exactly_as_the_full_stack(gateway: GatewayProcess, route: str, body: object,
+                                                     headers: dict[str, str]) -> None:
+    # application/json takes the fast path; another JSON media type goes through FastAPI's route.
+    import orjson
+
+    content = orjson.dumps(body)
+    gateway.post(route, body, headers=headers)  # the same cache state for both
+    answers = [httpx.post(f"{gateway.url}{route}", content=content, timeout=60,
+                          headers={**headers, "content-type": media_type})
+               for media_type in ("application/json", "application/vnd.embedfleet-test+json")]
+    fast, full = ({k: v for k, v in a.headers.items() if k != "date"} for a in answers)
+    assert answers[0].status_code == answers[1].status_code
+    assert answers[0].content == answers[1].content
+    assert fast == full
+
+
+def test_fast_path_hits_are_exact_floats_and_base64(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    import base64
+
+    texts = [f"exact values {i}" for i in range(5)]
+    direct = np.array(workers[0].post("/embed", {"inputs": texts}).json(), dtype=np.float32)
+    for _ in range(3):  # a miss, a first hit, then hits served from the kept JSON and base64
+        tei = gateway.post("/embed", {"inputs": texts})
+        assert np.array_equal(np.array(tei.json(), dtype=np.float32), direct)
+        b64 = gateway.post("/v1/embeddings", {"input": texts, "encoding_format": "base64"}).json()
+        got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64["data"]])
+        assert np.array_equal(got, direct) and [d["index"] for d in b64["data"]] == list(range(5))
+        floats = gateway.post("/v1/embeddings", {"input": texts}).json()
+        assert np.array_equal(np.array([d["embedding"] for d in floats["data"]], dtype=np.float32), direct)
+    assert tei.headers["x-cache"] == "hit"
+
+
+def test_fast_path_body_limit_and_media_types(workers: list[WorkerProcess], tmp_path: Path) -> None:
+    g = _gateway(workers, "memory://", tmp_path, "--payload-limit", "1000")
+    try:
+        big = g.post("/embed", {"inputs": "x" * 2000})
+        assert big.status_code == 413 and big.json()["error_type"] == "Validation"
+        streamed = httpx.post(f"{g.url}/v1/embeddings", content=iter([b'{"input": "', b"x" * 2000, b'"}']),
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert streamed.status_code == 413 and streamed.json()["code"] == 413
+        for media_type in (None, "text/plain"):
+            r = httpx.post(f"{g.url}/embed", content=b'{"inputs": "a"}', timeout=30,
+                           headers={"content-type": media_type} if media_type else {})
+            assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+        ok = httpx.post(f"{g.url}/embed", content=b'{"inputs": "a"}', timeout=30,
+                        headers={"content-type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 200 and ok.headers["x-cache"] == "miss"
+        assert g.metric("ef_request_duration_seconds_count", route="/embed", status="413") == 1
+        assert g.metric("ef_request_duration_seconds_count", route="/embed", status="200") == 1
+    finally:
+        g.stop()

@@ -33,16 +33,31 @@ def encode(vector: np.ndarray, expires_at: float = 0.0) -> bytes:
     return HEADER.pack(MAGIC, dim, expires_at, _checksum(dim, expires_at, payload)) + payload
 
 
-def decode(blob: bytes | memoryview | None, now: float | None = None) -> np.ndarray | None:
-    """The vector, or None when the value is absent, malformed, corrupt or expired."""
+def verify(blob: bytes | None) -> float | None:
+    """``expires_at`` of a well-formed value whose checksum matches (expiry not checked), else None."""
     if blob is None or len(blob) < HEADER_BYTES:
         return None
     magic, dim, expires_at, checksum = HEADER.unpack_from(blob)
     if magic != MAGIC or len(blob) != HEADER_BYTES + 4 * dim:
         return None
-    payload = memoryview(blob)[HEADER_BYTES:]
-    if _checksum(dim, expires_at, payload) != checksum:
+    if _checksum(dim, expires_at, memoryview(blob)[HEADER_BYTES:]) != checksum:
+        return None
+    return float(expires_at)
+
+
+def payload(blob: bytes) -> np.ndarray:
+    """The vector of a value :func:`verify` accepted: a read-only view of its bytes, no copy."""
+    return np.frombuffer(blob, dtype="<f4", offset=HEADER_BYTES)
+
+
+def decode(blob: bytes | memoryview | None, now: float | None = None) -> np.ndarray | None:
+    """The vector, or None when the value is absent, malformed, corrupt or expired."""
+    if blob is None:
+        return None
+    data = bytes(blob)
+    expires_at = verify(data)
+    if expires_at is None:
         return None
     if expires_at and expires_at <= (time.time() if now is None else now):
         return None
-    return np.frombuffer(bytes(payload), dtype="<f4")
+    return payload(data)

@@ -17,6 +17,9 @@ ENTRY_HASH_BYTES = 32
 KEY_BYTES = MODEL_TAG_BYTES + ENTRY_HASH_BYTES
 
 
+_LENGTH = struct.Struct("<I").pack
+
+
 def _field(value: str | None) -> bytes:
     """Length-prefixed UTF-8 (None and "" differ), so no two field lists encode alike."""
     if value is None:
@@ -78,8 +81,10 @@ class KeyHasher:
 
     def key(self, text: str) -> bytes:
         """The stored key of one text's vector."""
+        data = text.encode("utf-8")
         h = self._prefix.copy()
-        h.update(_field(text))
+        h.update(_LENGTH(len(data)))  # what _field(text) writes, without building it
+        h.update(data)
         return self.tag + h.digest()
 
 

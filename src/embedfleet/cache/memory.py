@@ -1,18 +1,79 @@
-"""``memory://``: a bounded in-process LRU, by bytes. Also the gateway's first tier."""
+"""``memory://``: a bounded in-process LRU, by bytes. Also the gateway's first tier.
+
+The tier keeps each value as an :data:`Entry`: the stored bytes, checked once when they come in, and
+the vector as a view of them, so a memory hit costs neither a checksum nor a copy. An entry served
+from memory also keeps the vector as rendered for responses (the JSON array, the base64 string) once
+a response needed it (:meth:`MemoryStore.keep`): a repeated hit then costs neither float formatting nor
+encoding. Every byte kept counts against ``max_bytes``: key, value and rendered forms.
+
+Entries are plain tuples of bytes, an array view and a float: the garbage collector stops tracking
+such tuples, so a full collection does not walk the cache (objects with attributes would make every
+full collection visit each of, say, 100,000 entries: ~90 ms here instead of ~5).
+"""
 
 from __future__ import annotations
 
+import binascii
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Final
 
+import numpy as np
+import orjson
+
+from embedfleet.cache import codec
 from embedfleet.cache.base import Store, StoreStats
 from embedfleet.cache.keys import MODEL_TAG_BYTES
 
 DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+Entry = tuple[bytes, np.ndarray | None, float, bytes | None, bytes | None]
+"""``(value bytes, vector or None, expires_at, JSON array or None, base64 JSON string or None)``.
+
+The vector is a read-only view of the value's float32 bytes; None where the bytes are malformed or fail
+their checksum (a :class:`MemoryStore` used as a plain store keeps whatever it is given; the cache reads
+such an entry as a miss). ``expires_at`` is in unix seconds, 0 for never."""
+
+# Positions in an Entry.
+BLOB: Final = 0
+VECTOR: Final = 1
+EXPIRES: Final = 2
+JSON: Final = 3
+B64: Final = 4
+
+
+def entry_from_blob(blob: bytes) -> Entry:
+    """An entry for stored bytes, checked now (layout and checksum; expiry is checked on reads)."""
+    expires_at = codec.verify(blob)
+    if expires_at is None:
+        return (blob, None, 0.0, None, None)
+    return (blob, codec.payload(blob), expires_at, None, None)
+
+
+def entry_from_vector(vector: np.ndarray, expires_at: float = 0.0) -> Entry:
+    """An entry for a vector (stored as little-endian float32)."""
+    blob = codec.encode(vector, expires_at)
+    return (blob, codec.payload(blob), expires_at, None, None)
+
+
+def entry_size(entry: Entry) -> int:
+    """Bytes an entry holds beyond its key."""
+    return len(entry[BLOB]) + len(entry[JSON] or b"") + len(entry[B64] or b"")
+
+
+def render_json(entry: Entry) -> bytes:
+    """The vector as a JSON array, exactly as ``orjson.dumps`` writes a float32 array."""
+    return entry[JSON] or orjson.dumps(entry[VECTOR], option=_NUMPY)
+
+
+def render_b64(entry: Entry) -> bytes:
+    """The vector's little-endian float32 bytes in base64, as a JSON string (with its quotes)."""
+    return entry[B64] or b'"' + binascii.b2a_base64(memoryview(entry[BLOB])[codec.HEADER_BYTES:], newline=False) + b'"'
 
 
 class MemoryStore(Store):
-    """Least-recently-used eviction once keys + values exceed ``max_bytes``.
+    """Least-recently-used eviction once keys + values (+ rendered forms) exceed ``max_bytes``.
 
     All operations are O(1) dictionary work on the event loop thread, so no locking is needed.
     """
@@ -23,35 +84,60 @@ class MemoryStore(Store):
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.max_bytes = max_bytes
-        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._data: OrderedDict[bytes, Entry] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
 
+    def lookup(self, keys: Sequence[bytes]) -> list[Entry | None]:
+        """Entries in order (None where absent); each hit becomes the most recently used."""
+        data = self._data
+        out: list[Entry | None] = []
+        for key in keys:
+            entry = data.get(key)
+            if entry is not None:
+                data.move_to_end(key)
+            out.append(entry)
+        return out
+
+    def insert(self, items: Sequence[tuple[bytes, Entry]]) -> None:
+        """Insert or replace, then evict the least recently used until under the bound."""
+        data = self._data
+        for key, entry in items:
+            size = len(key) + entry_size(entry)
+            if size > self.max_bytes:
+                continue  # larger than the whole tier: never cacheable here
+            old = data.pop(key, None)
+            if old is not None:
+                self._bytes -= len(key) + entry_size(old)
+            data[key] = entry
+            self._bytes += size
+        self._evict()
+
+    def keep(self, key: bytes, entry: Entry, json: bytes | None = None, b64: bytes | None = None) -> None:
+        """Keep rendered forms of an entry that was served from memory, if it is still there as it was."""
+        if self._data.get(key) is not entry:
+            return  # evicted, replaced, or already given its rendered forms
+        json = None if entry[JSON] is not None else json
+        b64 = None if entry[B64] is not None else b64
+        if json is None and b64 is None:
+            return
+        self._data[key] = (entry[BLOB], entry[VECTOR], entry[EXPIRES], json or entry[JSON], b64 or entry[B64])
+        self._bytes += len(json or b"") + len(b64 or b"")
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._data:
+            key, entry = self._data.popitem(last=False)
+            self._bytes -= len(key) + entry_size(entry)
+            self.evictions += 1
+
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in order; each hit becomes the most recently used."""
-        out: list[bytes | None] = []
-        for key in keys:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            out.append(value)
-        return out
+        return [None if e is None else e[BLOB] for e in self.lookup(keys)]
 
     async def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl: float | None = None) -> None:
         """Insert or replace, then evict the least recently used until under the bound."""
-        for key, value in items:
-            size = len(key) + len(value)
-            if size > self.max_bytes:
-                continue  # larger than the whole tier: never cacheable here
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._bytes -= len(key) + len(old)
-            self._data[key] = value
-            self._bytes += size
-        while self._bytes > self.max_bytes:
-            key, value = self._data.popitem(last=False)
-            self._bytes -= len(key) + len(value)
-            self.evictions += 1
+        self.insert([(key, entry_from_blob(value)) for key, value in items])
 
     async def delete(self, model_tag: bytes | None = None) -> int:
         """Drop one model's entries, or all."""
@@ -62,16 +148,16 @@ class MemoryStore(Store):
             return count
         doomed = [k for k in self._data if k[:MODEL_TAG_BYTES] == model_tag]
         for key in doomed:
-            self._bytes -= len(key) + len(self._data.pop(key))
+            self._bytes -= len(key) + entry_size(self._data.pop(key))
         return len(doomed)
 
     async def stats(self) -> StoreStats:
         """Entries and bytes, per model tag."""
         stats = StoreStats(entries=len(self._data), bytes=self._bytes)
-        for key, value in self._data.items():
+        for key, entry in self._data.items():
             tag = key[:MODEL_TAG_BYTES].hex()
             entries, size = stats.per_model.get(tag, (0, 0))
-            stats.per_model[tag] = (entries + 1, size + len(key) + len(value))
+            stats.per_model[tag] = (entries + 1, size + len(key) + entry_size(entry))
         return stats
 
     async def close(self) -> None:

@@ -20,8 +20,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from embedfleet.cache.base import Store
-from embedfleet.cache.codec import decode, encode
-from embedfleet.cache.memory import MemoryStore
+from embedfleet.cache.memory import BLOB, EXPIRES, VECTOR, Entry, MemoryStore, entry_from_blob, entry_from_vector
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +77,30 @@ class TieredCache:
             log.warning("cache store %s %s failed (%s); serving without it for %.1fs",
                         self.store.name if self.store else "-", what, exc or type(exc).__name__, self.backoff)
 
-    async def get(self, keys: Sequence[bytes], read_store: bool = True) -> list[np.ndarray | None]:
-        """Vectors for the keys (None for misses); corrupt or expired entries are misses."""
-        blobs = await self.memory.get_many(keys)
-        found: list[np.ndarray | None] = [decode(b) for b in blobs]
-        self.counters.memory_hits += sum(v is not None for v in found)
-        missing = [i for i, v in enumerate(found) if v is None]
+    def lookup_memory(self, keys: Sequence[bytes]) -> tuple[list[Entry | None], list[int]]:
+        """Entries from the memory tier (None for misses and expired entries), and the positions missed.
+
+        Synchronous: an all-hit request never yields to the event loop. Counts the memory hits; pass
+        the misses to :meth:`lookup_rest`, which counts the rest.
+        """
+        found = self.memory.lookup(keys)
+        missing: list[int] = []
+        now = 0.0
+        for i, entry in enumerate(found):
+            if entry is None or entry[VECTOR] is None:
+                found[i] = None
+                missing.append(i)
+            elif entry[EXPIRES]:
+                now = now or time.time()
+                if entry[EXPIRES] <= now:
+                    found[i] = None
+                    missing.append(i)
+        self.counters.memory_hits += len(found) - len(missing)
+        return found, missing
+
+    async def lookup_rest(self, keys: Sequence[bytes], found: list[Entry | None], missing: list[int],
+                          read_store: bool = True) -> None:
+        """Look the memory misses up in the store (one round trip), fill them into ``found``, back-fill memory."""
         if missing and read_store and self.store is not None and self.store_available:
             started = time.perf_counter()
             try:
@@ -93,29 +110,48 @@ class TieredCache:
             else:
                 self.store_latency.labels("read").observe(time.perf_counter() - started)
                 backfill = []
+                now = time.time()
                 for i, blob in zip(missing, stored, strict=True):
-                    vector = decode(blob)
-                    if vector is not None:
-                        found[i] = vector
-                        backfill.append((keys[i], blob))
+                    if blob is None:
+                        continue
+                    entry = entry_from_blob(bytes(blob))
+                    if entry[VECTOR] is not None and not (entry[EXPIRES] and entry[EXPIRES] <= now):
+                        found[i] = entry
+                        backfill.append((keys[i], entry))
                         self.counters.store_hits += 1
                 if backfill:
-                    await self.memory.set_many([(k, b) for k, b in backfill if b is not None])
-        self.counters.misses += sum(v is None for v in found)
+                    self.memory.insert(backfill)
+        self.counters.misses += sum(found[i] is None for i in missing)
+
+    async def lookup(self, keys: Sequence[bytes], read_store: bool = True) -> list[Entry | None]:
+        """Entries for the keys (None for misses); corrupt or expired entries are misses."""
+        found, missing = self.lookup_memory(keys)
+        if missing:
+            await self.lookup_rest(keys, found, missing, read_store)
         return found
+
+    async def get(self, keys: Sequence[bytes], read_store: bool = True) -> list[np.ndarray | None]:
+        """Vectors for the keys (None for misses); corrupt or expired entries are misses."""
+        return [None if e is None else e[VECTOR] for e in await self.lookup(keys, read_store)]
+
+    def entry(self, vector: np.ndarray) -> Entry:
+        """A value for a vector, with this cache's expiry (float32, as stored)."""
+        return entry_from_vector(vector, time.time() + self.ttl if self.ttl else 0.0)
+
+    def store_entries(self, items: Sequence[tuple[bytes, Entry]]) -> None:
+        """Cache entries: memory now, the store through the write-behind queue."""
+        self.memory.insert(items)
+        if self.store is None:
+            return
+        for key, entry in items:
+            try:
+                self._queue.put_nowait((key, entry[BLOB]))
+            except asyncio.QueueFull:
+                self.counters.writes_dropped += 1
 
     async def put(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
         """Cache vectors: memory now, the store through the write-behind queue."""
-        expires = time.time() + self.ttl if self.ttl else 0.0
-        blobs = [(k, encode(v, expires)) for k, v in items]
-        await self.memory.set_many(blobs)
-        if self.store is None:
-            return
-        for item in blobs:
-            try:
-                self._queue.put_nowait(item)
-            except asyncio.QueueFull:
-                self.counters.writes_dropped += 1
+        self.store_entries([(k, self.entry(v)) for k, v in items])
 
     async def _write_loop(self) -> None:
         stopping = False

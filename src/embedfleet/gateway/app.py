@@ -7,12 +7,12 @@ Responses say what the cache did: ``X-Cache: hit|miss|partial`` with ``X-Cache-H
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -50,6 +50,42 @@ def _inputs(value: str | list[Any]) -> list[str | list[int]]:
 
 def _cache_headers(result: EmbedResult) -> dict[str, str]:
     return {"x-cache": result.cache_status, "x-cache-hits": str(result.hits), "x-cache-misses": str(result.misses)}
+
+
+def _joined(items: list[bytes], opening: bytes, closing: bytes) -> list[bytes]:
+    """``opening``, the items with commas between, ``closing``: parts for one ``b"".join``, so a large
+    body is copied once."""
+    parts = [opening]
+    for item in items:
+        parts += (item, b",")
+    if items:
+        parts.pop()
+    parts.append(closing)
+    return parts
+
+
+def render_embed(result: EmbedResult) -> bytes:
+    """The /embed body: the vectors as a JSON array of arrays, byte for byte what ``orjson.dumps`` writes
+    for the float32 matrix, joined from each entry's (cached) JSON."""
+    return b"".join(_joined(result.json_rows(), b"[", b"]"))
+
+
+_USAGE = b'"usage":{"prompt_tokens":0,"total_tokens":0}}'
+
+
+def render_openai(result: EmbedResult, model: str, base64: bool) -> bytes:
+    """The /v1/embeddings body, byte for byte what ``orjson.dumps`` writes for the response object.
+
+    Cached inputs are never tokenized, so their token counts are unknown: usage says 0 rather than
+    invent a number.
+    """
+    parts = [b'{"object":"list","data":[']
+    for i, row in enumerate(result.b64_rows() if base64 else result.json_rows()):
+        parts += (b'{"object":"embedding","index":%d,"embedding":' % i, row, b"},")
+    if len(parts) > 1:
+        parts[-1] = b"}"  # the last object's closing brace, without the comma
+    parts += (b'],"model":', orjson.dumps(model), b",", _USAGE)
+    return b"".join(parts)
 
 
 class _GatewayCollector(Collector):
@@ -143,6 +179,55 @@ class RequestTimer:
             self.histogram.labels(route, str(status)).observe(time.perf_counter() - started)
 
 
+FAST_ROUTES = {"/embed": False, "/v1/embeddings": True, "/embeddings": True}
+"""The routes the fast path serves, and whether each is an OpenAI one."""
+_JSON = b"application/json"
+
+
+class _Replay:
+    """``receive`` for the full stack after the fast path gave up: first what it read, then the rest."""
+
+    def __init__(self, messages: list[Message], receive: Receive) -> None:
+        self.messages = messages
+        self.receive = receive
+
+    async def __call__(self) -> Message:
+        if self.messages:
+            return self.messages.pop(0)
+        return await self.receive()
+
+
+FastPath = Callable[[Scope, Receive, Send], Awaitable[Receive | None]]
+
+
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, with a fast path in front for ``POST /embed`` and ``/v1/embeddings``.
+
+    The fast path answers well-formed requests (the key checked, the body parsed with orjson and
+    validated by the same pydantic models) without FastAPI's per-request machinery. Anything else (a
+    bad key, a body it would not accept, CORS, debug access logging) goes through the full stack with
+    the body replayed, so every error leaves exactly as the routes below write it. The routes stay
+    declared for the OpenAPI document and for that fallback.
+    """
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_path
+        if fast is not None and scope["type"] == "http" and scope["method"] == "POST":
+            rest = await fast(scope, receive, send)
+            if rest is None:
+                return
+            receive = rest
+        await super().__call__(scope, receive, send)
+
+
+def _is_json(content_type: bytes) -> bool:
+    """``application/json``, with parameters or not, as FastAPI reads a JSON body (other ``+json`` types
+    are left to FastAPI)."""
+    return content_type.partition(b";")[0].strip().lower() == _JSON
+
+
 def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
                        cache_enabled: bool = True, keys: KeyCheck | None = None,
                        cors_origins: Sequence[str] = (), on_startup: Callable[[], Awaitable[None]] | None = None,
@@ -150,7 +235,7 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
                        collectors: Sequence[Collector] = ()) -> FastAPI:
     """The gateway's FastAPI application over the model pools (``collectors``: more for /metrics)."""
 
-    app = FastAPI(title="embedfleet gateway", version=__version__, lifespan=lifespan(on_startup, on_shutdown),
+    app = GatewayApp(title="embedfleet gateway", version=__version__, lifespan=lifespan(on_startup, on_shutdown),
                   description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
     app.add_middleware(BodyLimit, limit=payload_limit)  # type: ignore[arg-type]
     install_error_handlers(app, access_log=access_log)
@@ -171,10 +256,16 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
                            expose_headers=["x-cache", "x-cache-hits", "x-cache-misses"])
     app.add_middleware(ModelPrefix)  # outermost: /models/{name}/... is rewritten before anything else
 
-    def policy(request: Request) -> CachePolicy:
+    no_cache = CachePolicy(read=False, write=False)
+    default_policy = CachePolicy()
+
+    def policy_of(header: str | None) -> CachePolicy:
         if not cache_enabled:
-            return CachePolicy(read=False, write=False)
-        return CachePolicy.from_header(request.headers.get("cache-control"))
+            return no_cache
+        return default_policy if header is None else CachePolicy.from_header(header)
+
+    def policy(request: Request) -> CachePolicy:
+        return policy_of(request.headers.get("cache-control"))
 
     def pick(request: Request, body_model: str | None = None) -> EmbeddingService:
         header = request.headers.get("x-model")
@@ -182,31 +273,126 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
             return router.pick(request.url.path, header)
         return router.pick(request.url.path, body_model, strict=False)
 
+    async def tei_embed(service: EmbeddingService, req: EmbedRequest, policy: CachePolicy) -> tuple[bytes, EmbedResult]:
+        result = await service.embed(
+            _inputs(req.inputs), normalize=req.normalize, truncate=req.truncate, direction=req.truncation_direction,
+            prompt_name=req.prompt_name, dimensions=req.dimensions, policy=policy)
+        return render_embed(result), result
+
+    async def openai_embed(service: EmbeddingService, req: OpenAIEmbeddingRequest,
+                           policy: CachePolicy) -> tuple[bytes, EmbedResult]:
+        result = await service.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions, policy=policy)
+        return render_openai(result, service.pool.name, req.encoding_format == "base64"), result
+
     @app.post("/embed", response_model=list[list[float]], tags=["TEI"])
     async def embed(req: EmbedRequest, request: Request) -> Response:
         """Pooled embeddings, from the cache where possible."""
-        result = await pick(request).embed(
-            _inputs(req.inputs), normalize=req.normalize, truncate=req.truncate, direction=req.truncation_direction,
-            prompt_name=req.prompt_name, dimensions=req.dimensions, policy=policy(request))
-        return json_response(result.vectors, headers=_cache_headers(result))
+        body, result = await tei_embed(pick(request), req, policy(request))
+        return Response(body, media_type="application/json", headers=_cache_headers(result))
 
     @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
     @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
     async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request) -> Response:
         """OpenAI-compatible embeddings, from the cache where possible; ``model`` picks the pool."""
-        service = pick(request, req.model)
-        result = await service.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions,
-                                     policy=policy(request))
-        if req.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
-                    for i, v in enumerate(result.vectors)]
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(result.vectors)]
-        # Cached inputs are never tokenized, so their token counts are unknown: usage says 0
-        # rather than invent a number.
-        return json_response({"object": "list", "data": data, "model": service.pool.name,
-                              "usage": {"prompt_tokens": 0, "total_tokens": 0}}, headers=_cache_headers(result))
+        body, result = await openai_embed(pick(request, req.model), req, policy(request))
+        return Response(body, media_type="application/json", headers=_cache_headers(result))
+
+    timers: dict[tuple[str, int], Any] = {}  # the histogram's children, by route and status
+
+    def observe(route: str, status: int, started: float) -> None:
+        child = timers.get((route, status))
+        if child is None:
+            child = timers[(route, status)] = durations.labels(route, str(status))
+        child.observe(time.perf_counter() - started)
+
+    async def fast_path(scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Serve a well-formed embedding request; otherwise hand the full stack a ``receive`` to go on with."""
+        path: str = scope["path"]
+        prefixed: str | None = None
+        if path.startswith("/models/"):  # as ModelPrefix rewrites it
+            name, _, rest = path[len("/models/"):].partition("/")
+            if name and rest:
+                path, prefixed = "/" + rest, name.encode().decode("latin-1")
+        openai = FAST_ROUTES.get(path)
+        if openai is None or access_log.isEnabledFor(logging.DEBUG):
+            return receive
+        auth = content_type = length = x_model = cache_control = None
+        for key, value in scope["headers"]:  # the first of each, as starlette's Headers.get
+            if key == b"authorization":
+                auth = value if auth is None else auth
+            elif key == b"content-type":
+                content_type = value if content_type is None else content_type
+            elif key == b"content-length":
+                length = value  # the last, as BodyLimit reads it
+            elif key == b"x-model":
+                x_model = value if x_model is None else x_model
+            elif key == b"cache-control":
+                cache_control = value if cache_control is None else cache_control
+            elif key == b"origin" and cors_origins:
+                return receive  # CORS headers are the middleware's business
+        if content_type is None or not _is_json(content_type):
+            return receive
+        if length is not None and (not length.isdigit() or int(length) > payload_limit):
+            return receive
+        try:
+            keys.check(path, None if auth is None else auth.decode("latin-1"))
+        except EmbedfleetError:
+            return receive
+        started = time.perf_counter()
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return _Replay(messages, receive)
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > payload_limit:
+                return _Replay(messages, receive)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            data = orjson.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            req = OpenAIEmbeddingRequest.model_validate(data) if openai else EmbedRequest.model_validate(data)
+        except Exception:  # not JSON, or not valid: FastAPI writes the error, as it always has
+            return _Replay(messages, receive)
+
+        status = 500
+        responded = False
+        try:
+            model = prefixed or (x_model.decode("latin-1") if x_model else None)
+            cache = policy_of(None if cache_control is None else cache_control.decode("latin-1"))
+            try:
+                if isinstance(req, OpenAIEmbeddingRequest):
+                    service = router.pick(path, model) if model else router.pick(path, req.model, strict=False)
+                    body, result = await openai_embed(service, req, cache)
+                else:
+                    service = router.pick(path, model) if model else router.pick(path, None, strict=False)
+                    body, result = await tei_embed(service, req, cache)
+            except EmbedfleetError as exc:
+                body = exc.render(is_openai(path))
+                status, responded = exc.status, True
+                await send({"type": "http.response.start", "status": status, "headers": [
+                    (b"content-length", b"%d" % len(body)), (b"content-type", _JSON)]})
+            else:
+                status, responded = 200, True
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"x-cache", result.cache_status.encode()), (b"x-cache-hits", b"%d" % result.hits),
+                    (b"x-cache-misses", b"%d" % result.misses), (b"content-length", b"%d" % len(body)),
+                    (b"content-type", _JSON)]})
+            await send({"type": "http.response.body", "body": body})
+        except Exception:
+            if not responded:  # nothing sent yet: answer as starlette's ServerErrorMiddleware does
+                await send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-length", b"21"), (b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body", "body": b"Internal Server Error"})
+            raise
+        finally:
+            observe(path, status, started)
+        return None
 
     @app.get("/v1/models", tags=["OpenAI"])
     async def openai_models() -> Response:
@@ -289,4 +475,5 @@ def create_gateway_app(router: ModelRouter, cache: TieredCache, payload_limit: i
         return json_response({"deleted": await cache.delete(tag)})
 
     routes.update(r.path for r in app.routes if hasattr(r, "path"))
+    app.fast_path = fast_path
     return app

@@ -17,7 +17,8 @@ import numpy as np
 
 from embedfleet.api import errors
 from embedfleet.api.schemas import TruncationDirection
-from embedfleet.cache.keys import EmbedParams, KeyHasher
+from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
+from embedfleet.cache.memory import B64, JSON, VECTOR, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.gateway.upstream import Pool, UpstreamInfo
 
@@ -42,11 +43,46 @@ class CachePolicy:
 
 @dataclass
 class EmbedResult:
-    """Vectors in input order, and how many unique inputs were hits."""
+    """Cache entries in input order (one per input: its vector and rendered forms), and how many
+    unique inputs were hits."""
 
-    vectors: np.ndarray
+    rows: list[Entry]
     hits: int
     misses: int
+    memory: MemoryStore | None = None
+    served: Sequence[bytes | None] = ()
+    """Per row, the key of a row the memory tier answered (its rendered forms are worth keeping there)."""
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The vectors as one float32 array, in input order."""
+        return np.stack([row[VECTOR] for row in self.rows if row[VECTOR] is not None])
+
+    def json_rows(self) -> list[bytes]:
+        """Each vector as a JSON array (kept in the memory tier for rows it answered)."""
+        out = []
+        for i, row in enumerate(self.rows):
+            rendered = row[JSON]
+            if rendered is None:
+                rendered = render_json(row)
+                key = self.served[i] if self.served else None
+                if key is not None and self.memory is not None:
+                    self.memory.keep(key, row, json=rendered)
+            out.append(rendered)
+        return out
+
+    def b64_rows(self) -> list[bytes]:
+        """Each vector's float32 bytes as a base64 JSON string (kept in the memory tier for rows it answered)."""
+        out = []
+        for i, row in enumerate(self.rows):
+            rendered = row[B64]
+            if rendered is None:
+                rendered = render_b64(row)
+                key = self.served[i] if self.served else None
+                if key is not None and self.memory is not None:
+                    self.memory.keep(key, row, b64=rendered)
+            out.append(rendered)
+        return out
 
     @property
     def cache_status(self) -> str:
@@ -56,6 +92,9 @@ class EmbedResult:
         return "miss" if self.hits == 0 else "partial"
 
 
+HasherKey = tuple[ModelFingerprint, bool, bool, str, str | None, int | None]
+
+
 class EmbeddingService:
     """Embeddings of one model pool, through the cache."""
 
@@ -63,8 +102,9 @@ class EmbeddingService:
         self.pool = pool
         self.cache = cache
         self.max_client_batch_size = max_client_batch_size
-        self._in_flight: dict[bytes, asyncio.Future[np.ndarray]] = {}
-        self._tasks: set[asyncio.Task[list[np.ndarray]]] = set()
+        self._in_flight: dict[bytes, asyncio.Future[Entry]] = {}
+        self._tasks: set[asyncio.Task[list[Entry]]] = set()
+        self._hashers: dict[HasherKey, KeyHasher] = {}
         self.upstream_inputs = 0
         self.hits = 0
         self.misses = 0
@@ -74,6 +114,18 @@ class EmbeddingService:
         if info is None:
             raise errors.unhealthy(f"no upstream of model {self.pool.name!r} has answered /info yet")
         return info
+
+    def _hasher(self, key: HasherKey) -> KeyHasher:
+        """The key hasher of one model and parameter set (the shared prefix is hashed once, then reused)."""
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            if len(self._hashers) >= 256:  # parameter sets are few; never let odd clients grow this
+                self._hashers.clear()
+            model, normalize, truncate, direction, prompt_name, dimensions = key
+            hasher = self._hashers[key] = KeyHasher(model, EmbedParams(
+                normalize=normalize, truncate=truncate, truncation_direction=direction, prompt_name=prompt_name,
+                dimensions=dimensions))
+        return hasher
 
     async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
                     direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
@@ -85,36 +137,47 @@ class EmbeddingService:
             raise errors.validation(
                 f"batch size {len(inputs)} > maximum allowed batch size {self.max_client_batch_size}")
         info = self._info()
-        params = EmbedParams(normalize=normalize, truncate=info.auto_truncate if truncate is None else truncate,
-                             truncation_direction=direction.value, prompt_name=prompt_name, dimensions=dimensions)
-        body: dict[str, Any] = {"normalize": normalize, "truncate": params.truncate,
-                                "truncation_direction": direction.value.capitalize()}
-        if prompt_name is not None:
-            body["prompt_name"] = prompt_name
-        if dimensions is not None:
-            body["dimensions"] = dimensions
+        if truncate is None:
+            truncate = info.auto_truncate
+        hasher = self._hasher((info.fingerprint, normalize, truncate, direction.value, prompt_name, dimensions))
 
         # Token-id inputs have no text to key on: they are computed, never cached.
         keyed: dict[bytes, str] = {}
         input_keys: list[bytes | None] = []
-        hasher = KeyHasher(info.fingerprint, params)
-        for item in inputs:
+        raw: list[tuple[int, list[int]]] = []
+        for i, item in enumerate(inputs):
             if isinstance(item, str):
                 key = hasher.key(item)
                 keyed.setdefault(key, item)
                 input_keys.append(key)
             else:
                 input_keys.append(None)
+                raw.append((i, item))
         unique = list(keyed)
-        found: dict[bytes, np.ndarray] = {}
+        found: dict[bytes, Entry] = {}
+        from_memory: set[bytes] = set()
         if unique and policy.read:
-            for key, vector in zip(unique, await self.cache.get(unique), strict=True):
-                if vector is not None:
-                    found[key] = vector
+            entries, missing = self.cache.lookup_memory(unique)
+            if missing:
+                from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
+                await self.cache.lookup_rest(unique, entries, missing)
+            elif not raw:  # every input hit: no futures, no task, no waiting
+                hits = len(unique)
+                self.hits += hits
+                served: list[bytes | None] = list(unique)
+                if hits != len(inputs):  # duplicates in the request
+                    by_key = dict(zip(unique, entries, strict=True))
+                    entries = [by_key[k] for k in input_keys if k is not None]
+                    served = input_keys
+                return EmbedResult([e for e in entries if e is not None], hits=hits, misses=0,
+                                   memory=self.cache.memory, served=served)
+            for key, entry in zip(unique, entries, strict=True):
+                if entry is not None:
+                    found[key] = entry
         hits = len(found)
 
-        waiting: dict[bytes, asyncio.Future[np.ndarray]] = {}
-        mine: dict[bytes, asyncio.Future[np.ndarray]] = {}
+        waiting: dict[bytes, asyncio.Future[Entry]] = {}
+        mine: dict[bytes, asyncio.Future[Entry]] = {}
         loop = asyncio.get_running_loop()
         for key in unique:
             if key in found:
@@ -123,45 +186,51 @@ class EmbeddingService:
                 waiting[key] = self._in_flight[key]
             else:
                 mine[key] = self._in_flight[key] = loop.create_future()
-        raw = [(i, item) for i, item in enumerate(inputs) if not isinstance(item, str)]
 
         # The computation is its own task: if this client goes away, the requests waiting on the
         # same keys still get their vectors, and the cache still gets them.
-        computed: list[np.ndarray] = []
+        computed: list[Entry] = []
         if mine or raw:
+            body: dict[str, Any] = {"normalize": normalize, "truncate": truncate,
+                                    "truncation_direction": direction.value.capitalize()}
+            if prompt_name is not None:
+                body["prompt_name"] = prompt_name
+            if dimensions is not None:
+                body["dimensions"] = dimensions
             task = asyncio.get_running_loop().create_task(
                 self._resolve(mine, [keyed[k] for k in mine], [item for _, item in raw], body, policy))
             self._tasks.add(task)  # a strong reference until done
             task.add_done_callback(self._tasks.discard)
             computed = await asyncio.shield(task)
-        for key, vector in zip(mine, computed, strict=False):
-            found[key] = vector
+        for key, entry in zip(mine, computed, strict=False):
+            found[key] = entry
         for key, fut in waiting.items():
             found[key] = await fut
 
-        raw_vectors = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
-        rows = [found[k] if k is not None else raw_vectors[i] for i, k in enumerate(input_keys)]
-        result = EmbedResult(np.stack(rows), hits=hits, misses=len(unique) - hits + len(raw))
+        raw_entries = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
+        rows = [found[k] if k is not None else raw_entries[i] for i, k in enumerate(input_keys)]
+        result = EmbedResult(rows, hits=hits, misses=len(unique) - hits + len(raw), memory=self.cache.memory,
+                             served=[k if k in from_memory else None for k in input_keys] if from_memory else ())
         self.hits += result.hits
         self.misses += result.misses
         return result
 
-    async def _resolve(self, mine: dict[bytes, asyncio.Future[np.ndarray]], texts: list[str],
-                       raw: list[str | list[int]], body: dict[str, Any], policy: CachePolicy) -> list[np.ndarray]:
+    async def _resolve(self, mine: dict[bytes, asyncio.Future[Entry]], texts: list[str],
+                       raw: list[list[int]], body: dict[str, Any], policy: CachePolicy) -> list[Entry]:
         """Compute this request's own misses (and raw inputs), settle their futures, cache them."""
         try:
-            computed = await self._compute([*texts, *raw], body)
+            computed = [self.cache.entry(v) for v in await self._compute([*texts, *raw], body)]
         except Exception as exc:
             for key, fut in mine.items():
                 self._in_flight.pop(key, None)
                 fut.set_exception(exc)
                 fut.exception()  # marked retrieved: waiters re-raise it, nobody logs "never retrieved"
             raise
-        for (key, fut), vector in zip(mine.items(), computed, strict=False):
+        for (key, fut), entry in zip(mine.items(), computed, strict=False):
             self._in_flight.pop(key, None)
-            fut.set_result(vector)
+            fut.set_result(entry)
         if mine and policy.write:
-            await self.cache.put(list(zip(mine, computed, strict=False)))
+            self.cache.store_entries(list(zip(mine, computed, strict=False)))
         return computed
 
     async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> list[np.ndarray]:
