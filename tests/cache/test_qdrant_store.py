@@ -107,7 +107,7 @@ def test_points_carry_the_key_and_header_fields(store: QdrantStore) -> None:
     asyncio.run(store.set_many([(key, value)]))
     record, = store.client.retrieve(collection_name(A.tag), [point_id(key)], with_vectors=True)
     assert record.payload == {"key": key.hex(), "model_tag": A.tag.hex(), "expires_at": 1234567890.5,
-                              "checksum": value[16:24].hex()}
+                              "checksum": value[16:24].hex(), "dim": DIM}
     assert point_id(key) == str(uuid.UUID(bytes=key[8:24]))
 
 
@@ -174,14 +174,32 @@ def test_malformed_values_are_never_stored(store: QdrantStore) -> None:
     asyncio.run(run())
 
 
-def test_other_sizes_under_one_model_are_skipped(store: QdrantStore) -> None:
-    first, other = _entries(A, 3, dim=DIM), _entries(A, 2, dim=DIM // 2)
+def test_shorter_vectors_round_trip_padded_longer_ones_are_skipped(store: QdrantStore) -> None:
+    first, shorter, longer = _entries(A, 3, dim=DIM), _entries(A, 2, dim=DIM // 2), _entries(A, 2, dim=DIM * 2)
 
     async def run() -> None:
         await store.set_many(first)
-        await store.set_many(other)
+        await store.set_many(shorter + longer)  # e.g. requests with `dimensions`, or another model's size
         assert store.skipped_writes == 2
-        assert await store.get_many([k for k, _ in first + other]) == [v for _, v in first] + [None, None]
+        got = await store.get_many([k for k, _ in first + shorter + longer])
+        assert got == [v for _, v in first + shorter] + [None, None]  # byte-exact, cut back to their length
+        stored = store.client.retrieve(collection_name(A.tag), [point_id(shorter[0][0])], with_vectors=True)
+        vector = stored[0].vector
+        assert isinstance(vector, list) and len(vector) == DIM and vector[DIM // 2:] == [0.0] * (DIM // 2)
+
+    asyncio.run(run())
+
+
+def test_the_native_dimension_sizes_the_collection_even_if_a_shorter_value_comes_first(
+        store: QdrantStore) -> None:
+    shorter, native = _entries(A, 2, dim=DIM // 2), _entries(A, 3, dim=DIM)
+    store.model_dimension(A.tag, DIM)  # what the gateway tells it from the upstream's /info
+
+    async def run() -> None:
+        await store.set_many(shorter)
+        await store.set_many(native)
+        assert store.skipped_writes == 0
+        assert await store.get_many([k for k, _ in shorter + native]) == [v for _, v in shorter + native]
 
     asyncio.run(run())
 

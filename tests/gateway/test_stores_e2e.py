@@ -53,7 +53,9 @@ def test_store_hits_are_byte_equal(worker: WorkerProcess, store_url: str, tmp_pa
     g = GatewayProcess(["--upstream", worker.url, "--cache", store_url, "--memory-cache-bytes", "1"],
                        tmp_path, tmp_path).start()
     try:
-        for body in ({"inputs": ["store me", "and me"]}, {"inputs": "unnormalised", "normalize": False}):
+        # `dimensions` first: a store with one vector size per model (Qdrant) must still keep full vectors.
+        for body in ({"inputs": "cut short", "dimensions": 128}, {"inputs": ["store me", "and me"]},
+                     {"inputs": "unnormalised", "normalize": False}):
             miss = g.post("/embed", body)
             assert miss.headers["x-cache"] == "miss"
             assert _poll_hit(g, body) == miss.content

@@ -40,3 +40,7 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release resources (flush, close files or connections)."""
+
+    def model_dimension(self, model_tag: bytes, dimension: int) -> None:  # noqa: B027 - an optional hook
+        """Hint: the native embedding size of a model (from its /info). Stores with typed collections
+        (Qdrant) size them by it; opaque key-value stores ignore it."""

@@ -23,9 +23,12 @@ All client calls run in worker threads, so the event loop never blocks. ``AsyncQ
 used: in local mode (qdrant-client 1.20) its ``async`` methods do the SQLite work inline, on the event
 loop. In local mode, calls run one at a time on one thread (local mode is not thread-safe).
 
-Limits: a collection has one vector size, so under one model tag only values of the collection's size
-are stored (others, e.g. requests with a different ``dimensions``, are skipped and stay misses);
-Qdrant has no expiry, so expired points stay (reading as misses) until their model is deleted.
+A collection has one vector size: the model's native dimension when the gateway has given it
+(:meth:`QdrantStore.model_dimension`, from the upstream's /info), else the size of the first value
+written. Shorter values (requests with ``dimensions``, Matryoshka truncation) are stored zero-padded to
+that size with their true length in the payload, and read back cut to it, so they round-trip exactly;
+longer ones are skipped and stay misses. Qdrant has no expiry, so expired points stay (reading as
+misses) until their model is deleted.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def _rebuild_value(key: bytes, record: models.Record) -> bytes | None:
     """The exact value bytes a point stands for, or None where anything disagrees or fails the checksum."""
     payload = record.payload or {}
     expires_at, checksum_hex, vector = payload.get("expires_at"), payload.get("checksum"), record.vector
+    length = payload.get("dim")
     if payload.get("key") != key.hex() or not isinstance(checksum_hex, str) or not isinstance(vector, list):
         return None
     if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
@@ -99,6 +103,8 @@ def _rebuild_value(key: bytes, record: models.Record) -> bytes | None:
     try:
         checksum = bytes.fromhex(checksum_hex)
         array = np.asarray(vector, dtype="<f4")
+        if isinstance(length, int) and not isinstance(length, bool) and 0 < length <= len(array):
+            array = array[:length]  # stored zero-padded to the collection's size
         header = codec.HEADER.pack(codec.MAGIC, len(array), float(expires_at), checksum)
     except (ValueError, TypeError, OverflowError, struct.error):  # a malformed payload or vector
         return None
@@ -108,6 +114,15 @@ def _rebuild_value(key: bytes, record: models.Record) -> bytes | None:
         return None
     value = header + array.tobytes()
     return value if codec.decode(value, now=-math.inf) is not None else None
+
+
+def _padded(point: models.PointStruct, size: int) -> models.PointStruct:
+    """The point with its vector zero-padded to ``size`` (its payload keeps the true length)."""
+    vector = point.vector
+    assert isinstance(vector, list)
+    if len(vector) < size:
+        point.vector = [*vector, *([0.0] * (size - len(vector)))]
+    return point
 
 
 def _vector_params(info: models.CollectionInfo) -> models.VectorParams | None:
@@ -151,6 +166,7 @@ class QdrantStore(Store):
         self.local = "path" in args or "location" in args
         # Collection name -> vector size, for collections known to exist (None: not usable by us).
         self._collections: dict[str, int | None] = {}
+        self._native: dict[bytes, int] = {}  # model tag -> native dimension, from the gateway
         self._warned: set[tuple[str, int]] = set()
         self.skipped_writes = 0
         self._closed = False
@@ -163,6 +179,10 @@ class QdrantStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # --- collections (worker thread) ---
+
+    def model_dimension(self, model_tag: bytes, dimension: int) -> None:
+        """Size the model's collection by its native dimension when it is created."""
+        self._native[model_tag] = dimension
 
     def _known_size(self, name: str) -> int | None:
         """The vector size of an existing collection we can use, from the cache or the server."""
@@ -232,8 +252,9 @@ class QdrantStore(Store):
                 continue
             expires_at, checksum, vector = parsed
             tag = key[:MODEL_TAG_BYTES]
-            dims.setdefault(tag, len(vector))
-            payload = {"key": key.hex(), "model_tag": tag.hex(), "expires_at": expires_at, "checksum": checksum.hex()}
+            dims.setdefault(tag, self._native.get(tag, len(vector)))
+            payload = {"key": key.hex(), "model_tag": tag.hex(), "expires_at": expires_at, "checksum": checksum.hex(),
+                       "dim": len(vector)}
             pid = point_id(key)
             groups[tag].pop(pid, None)  # the last write of a key wins
             groups[tag][pid] = models.PointStruct(id=pid, vector=vector.tolist(), payload=payload)
@@ -244,7 +265,8 @@ class QdrantStore(Store):
         """Upsert the points of the collection's size (creating it with ``dim`` if need be); skip the rest."""
         for attempt in (1, 2):
             size = self._ensure(name, dim)
-            fitting = [p for p in points if isinstance(p.vector, list) and len(p.vector) == size]
+            fitting = [_padded(p, size) for p in points if isinstance(p.vector, list) and size is not None
+                       and len(p.vector) <= size]
             if not fitting:
                 break
             try:
@@ -256,7 +278,8 @@ class QdrantStore(Store):
                 self._forget(name)  # deleted since we cached it (by another process): create it again
         if len(fitting) < len(points):
             self.skipped_writes += len(points) - len(fitting)
-            self._warn_size(name, size, {len(p.vector) for p in points if isinstance(p.vector, list)} - {size})
+            self._warn_size(name, size, {len(p.vector) for p in points
+                                         if isinstance(p.vector, list) and len(p.vector) > (size or 0)})
 
     def _warn_size(self, name: str, size: int | None, dims: set[int]) -> None:
         for dim in dims:

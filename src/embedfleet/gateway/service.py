@@ -122,6 +122,9 @@ class EmbeddingService:
             if len(self._hashers) >= 256:  # parameter sets are few; never let odd clients grow this
                 self._hashers.clear()
             model, normalize, truncate, direction, prompt_name, dimensions = key
+            native = self._info().raw.get("dimension")
+            if self.cache.store is not None and isinstance(native, int) and native > 0:
+                self.cache.store.model_dimension(model.tag, native)
             hasher = self._hashers[key] = KeyHasher(model, EmbedParams(
                 normalize=normalize, truncate=truncate, truncation_direction=direction, prompt_name=prompt_name,
                 dimensions=dimensions))
