@@ -165,41 +165,54 @@ def test_external_instance_lifecycle(fleet: ServeProcess) -> None:
     assert gone.status_code == 404
 
 
+class Load:
+    """Four client threads posting 3 new texts per request until stopped; counts requests and failures."""
+
+    def __init__(self, url: str, tag: str) -> None:
+        self.url, self.tag = url, tag
+        self.failures: list[str] = []
+        self.sent = 0
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(k,)) for k in range(4)]
+
+    def _run(self, k: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            for i in range(5000):
+                if self._done.is_set():
+                    return
+                texts = [f"{self.tag} {k} {i} {j}" for j in range(3)]
+                r = client.post("/embed", json={"inputs": texts})
+                self.sent += 1
+                if r.status_code != 200 or len(r.json()) != 3:
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+
+    def wait_for(self, more: int, timeout: float = 30) -> None:
+        """Until ``more`` further requests are answered (with a deadline)."""
+        target, deadline = self.sent + more, time.monotonic() + timeout
+        while self.sent < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.sent >= target, f"load stalled at {self.sent} requests"
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
 def test_kill_9_worker_under_load_is_restarted_without_failed_requests(fleet: ServeProcess) -> None:
     before = fleet.instance("embed-0")
-    failures: list[str] = []
-    done = threading.Event()
-    sent = [0]
-
-    def load() -> None:
-        with httpx.Client(base_url=fleet.url, timeout=60) as client:
-            i = 0
-            while not done.is_set() and i < 5000:
-                i += 1
-                r = client.post("/embed", json={"inputs": [f"load {i} a", f"load {i} b", f"load {i} c"]})
-                sent[0] += 1
-                if r.status_code != 200 or len(r.json()) != 3:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        deadline = time.monotonic() + 30
-        while sent[0] < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with Load(fleet.url, "kill") as load:
+        load.wait_for(20)
         os.kill(before["pid"], signal.SIGKILL)
         after = fleet.wait_instance("embed-0", lambda i: i["state"] == "running" and i["restarts"] == 1
                                     and i["pid"] != before["pid"])
-        at_restart = sent[0]
-        deadline = time.monotonic() + 30
-        while sent[0] < at_restart + 20 and time.monotonic() < deadline:  # load keeps flowing after it
-            time.sleep(0.05)
-    finally:
-        done.set()
-        for t in threads:
-            t.join(timeout=120)
-    assert failures == [] and sent[0] > at_restart
+        load.wait_for(20)  # and the load keeps flowing after it
+    assert load.failures == []
     assert after["pid"] and fleet.metric("embedfleet_instance_restarts_total", instance="embed-0") == 1
     assert fleet.instance("embed-1")["restarts"] == 0
 
@@ -221,7 +234,11 @@ def test_a_worker_that_keeps_crashing_ends_failed(fleet: ServeProcess, tmp_path:
 
 
 def test_stopped_instance_stays_stopped_across_checks_and_restarts(fleet: ServeProcess) -> None:
-    stopped = fleet.admin("POST", "/instances/embed-1/stop").json()
+    with Load(fleet.url, "stop") as load:  # a replica stopped under load is drained first: nothing fails
+        load.wait_for(20)
+        stopped = fleet.admin("POST", "/instances/embed-1/stop").json()
+        load.wait_for(20)
+    assert load.failures == []
     assert stopped["state"] == "stopped" and stopped["stopped_by_user"] and stopped["pid"] is None
     deadline = time.monotonic() + 3  # six health-check intervals: nothing may start it again
     while time.monotonic() < deadline:
