@@ -9,7 +9,7 @@ parallel, and merged back in input order. All or nothing: a request gets every v
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,27 +60,21 @@ class EmbedResult:
 
     def json_rows(self) -> list[bytes]:
         """Each vector as a JSON array (kept in the memory tier for rows it answered)."""
-        out = []
-        for i, row in enumerate(self.rows):
-            rendered = row[JSON]
-            if rendered is None:
-                rendered = render_json(row)
-                key = self.served[i] if self.served else None
-                if key is not None and self.memory is not None:
-                    self.memory.keep(key, row, json=rendered)
-            out.append(rendered)
-        return out
+        return self._rendered(JSON, render_json, "json")
 
     def b64_rows(self) -> list[bytes]:
         """Each vector's float32 bytes as a base64 JSON string (kept in the memory tier for rows it answered)."""
+        return self._rendered(B64, render_b64, "b64")
+
+    def _rendered(self, slot: int, render: Callable[[Entry], bytes], form: str) -> list[bytes]:
         out = []
         for i, row in enumerate(self.rows):
-            rendered = row[B64]
-            if rendered is None:
-                rendered = render_b64(row)
+            rendered = row[slot]
+            if not isinstance(rendered, bytes):  # not rendered yet (None)
+                rendered = render(row)
                 key = self.served[i] if self.served else None
                 if key is not None and self.memory is not None:
-                    self.memory.keep(key, row, b64=rendered)
+                    self.memory.keep(key, row, **{form: rendered})
             out.append(rendered)
         return out
 
