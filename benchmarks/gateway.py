@@ -98,8 +98,8 @@ from worker import (
     _exit_on_sigterm,
     free_port,
     make_texts,
+    publish,
     worker_process,
-    write_json,
 )
 
 T = TypeVar("T")
@@ -830,11 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage_replicas(plan, pool, rec)
 
     doc = build_document(args, plan, rec.runs, extra, machine)
-    write_json(out, doc)
     print_report(doc, report)
-    log.print(f"wrote {out}")
-    if args.json:
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    publish(doc, out, args.json, log)
     return 0
 
 

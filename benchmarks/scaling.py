@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
-from worker import BATCH, CLIENTS, _exit_on_sigterm, free_port, http_rate, make_texts, write_json
+from worker import BATCH, CLIENTS, _exit_on_sigterm, free_port, http_rate, make_texts, publish
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT_S = 600.0
@@ -179,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio": {"measure": f"{scaled} / {base}", "value": ratio, "target": TARGET, "passed": ratio >= TARGET},
     }
     out: Path = args.out or RESULTS_DIR / ("scaling-quick.json" if args.quick else f"scaling-{args.device}.json")
-    write_json(out, doc)
-    console.print(f"wrote {out}")
+    publish(doc, out, False, console)
     return 0
 
 

@@ -559,6 +559,14 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def publish(doc: dict[str, Any], out: Path, as_json: bool, log: Console) -> None:
+    """Write the JSON document, say where, and with ``--json`` also print it to stdout."""
+    write_json(out, doc)
+    log.print(f"wrote {out}")
+    if as_json:
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -621,11 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     doc = build_document(args, sets, results, ratio_checks(results, sets, raw_key),
                          cosine_checks(results, sets, raw_key), "torch fp16" if cuda else "onnx fp32")
-    write_json(out, doc)
     print_report(doc, report)
-    log.print(f"wrote {out}")
-    if args.json:
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    publish(doc, out, args.json, log)
     return 0
 
 

@@ -7,7 +7,6 @@ without any key (the local default) leaves them open. Errors are ``{"error", "co
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -21,10 +20,8 @@ from embedfleet.fleet.errors import FleetError, FleetErrorCode
 from embedfleet.fleet.plan import request_devices
 from embedfleet.fleet.registry import ModelRegistry
 from embedfleet.fleet.spec import InstanceRequest
-from embedfleet.fleet.supervisor import InstanceState, Supervisor
+from embedfleet.fleet.supervisor import Supervisor
 from embedfleet.gateway.auth import KeyCheck
-
-SETTLED = frozenset({InstanceState.RUNNING, InstanceState.FAILED, InstanceState.STOPPED})
 
 
 class ModelRequest(BaseModel):
@@ -76,11 +73,6 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
             code = FleetErrorCode.FORBIDDEN if exc.status == 403 else FleetErrorCode.UNAUTHORIZED
             raise FleetError(code, exc.message) from None
 
-    async def settle(name: str, timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while supervisor.get(name).state not in SETTLED and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.2)
-
     router = APIRouter(prefix="/admin", tags=["admin"])
 
     @router.get("/instances")
@@ -110,7 +102,7 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
             with contextlib.suppress(FleetError):  # listing it is a convenience; the instance is what counts
                 await registry.add(body.model, body.revision)
         if wait:
-            await asyncio.gather(*(settle(i.name, timeout) for i in added))
+            await supervisor.wait_settled([i.name for i in added], timeout)
         return _json({"instances": [i.describe() for i in added]}, status=201)
 
     @router.get("/instances/{name}")
@@ -128,7 +120,7 @@ def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry,
 
     async def launched(name: str, wait: bool, timeout: float) -> Response:
         if wait:
-            await settle(name, timeout)
+            await supervisor.wait_settled([name], timeout)
         return _json(supervisor.get(name).describe())
 
     @router.post("/instances/{name}/start")

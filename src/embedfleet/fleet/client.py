@@ -44,9 +44,9 @@ class AdminClient:
         self.client.close()
 
 
-def instances_table(instances: list[dict[str, Any]]) -> Table:
-    """Instance, model, task, device, port, pid, state, restarts."""
-    table = Table(title_justify="left")
+def instances_table(instances: list[dict[str, Any]], title: str | None = None) -> Table:
+    """Instance, model, task, device, port, pid, state, restarts (from the admin API's descriptions)."""
+    table = Table(title=title, title_justify="left")
     for column in ("instance", "model", "task", "device", "port", "pid", "state", "restarts"):
         table.add_column(column, justify="right" if column in ("port", "pid", "restarts") else "left")
     for i in instances:

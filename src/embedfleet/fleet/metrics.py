@@ -32,7 +32,7 @@ class FleetCollector(Collector):
         up = GaugeMetricFamily("embedfleet_instance_up", "1 while the instance is running and healthy",
                                labels=["instance", "model"])
         for i in instances:
-            restarts.add_metric([i.name], supervisor.restarts_total.get(i.name, 0))
-            failures.add_metric([i.name], supervisor.health_check_failures.get(i.name, 0))
+            restarts.add_metric([i.name], i.restarts)
+            failures.add_metric([i.name], i.failed_checks)
             up.add_metric([i.name, i.spec.pool], 1.0 if i.state == InstanceState.RUNNING else 0.0)
         yield from (restarts, failures, up)

@@ -18,10 +18,10 @@ from types import FrameType
 
 import uvicorn
 from rich.console import Console
-from rich.table import Table
 
 from embedfleet.config import FleetSettings, GatewaySettings
 from embedfleet.fleet.admin import install_admin
+from embedfleet.fleet.client import instances_table
 from embedfleet.fleet.devices import visible_gpus
 from embedfleet.fleet.errors import FleetError
 from embedfleet.fleet.metrics import FleetCollector
@@ -67,20 +67,6 @@ class FleetServer(uvicorn.Server):
             self.should_exit = True
 
 
-def summary_table(supervisor: Supervisor) -> Table:
-    """Instance, model, task, device, port, pid, state."""
-    table = Table(title="embedfleet instances", title_justify="left")
-    for column in ("instance", "model", "task", "device", "port", "pid", "state"):
-        table.add_column(column, justify="right" if column in ("port", "pid") else "left")
-    for i in supervisor.instances.values():
-        d = i.describe()
-        color = {"running": "green", "failed": "red", "stopped": "dim"}.get(d["state"], "yellow")
-        table.add_row(i.name, i.spec.model or i.spec.url or "", str(d["task"] or "-"),
-                      "external" if i.spec.external else i.spec.device, str(d["port"] or "-"), str(d["pid"] or "-"),
-                      f"[{color}]{d['state']}[/]")
-    return table
-
-
 def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: Console | None = None) -> int:
     """Serve until interrupted; returns the exit code (1 when every instance failed to start)."""
     console = console or Console(stderr=True)
@@ -101,7 +87,8 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
     async def report_ready() -> None:
         nonlocal exit_code
         await supervisor.wait_settled()
-        console.print(summary_table(supervisor))
+        console.print(instances_table([i.describe() for i in supervisor.instances.values()],
+                                      title="embedfleet instances"))
         instances = list(supervisor.instances.values())
         failed = [i for i in instances if i.state == InstanceState.FAILED]
         for i in failed:

@@ -138,7 +138,8 @@ class Instance:
     port: int | None = None
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    health_failures: int = 0
+    health_failures: int = 0  # in a row, now
+    failed_checks: int = 0  # in all
     last_error: str | None = None
     info: dict[str, Any] | None = None
     started_at: float | None = None
@@ -232,8 +233,6 @@ class Supervisor:
         self.membership = membership
         self.on_change = on_change
         self.instances: dict[str, Instance] = {}
-        self.health_check_failures: dict[str, int] = {}
-        self.restarts_total: dict[str, int] = {}
         self._lock = asyncio.Lock()  # names and ports
         self._client = httpx.AsyncClient(timeout=settings.health_timeout)
         self._closing = False
@@ -375,10 +374,13 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
 
-    async def wait_settled(self, timeout: float | None = None) -> bool:
-        """Wait until no instance is pending or starting; whether that happened before ``timeout``."""
+    async def wait_settled(self, names: Iterable[str] | None = None, timeout: float | None = None) -> bool:
+        """Wait until none of these instances (default: all) is pending or starting; whether that happened
+        before ``timeout``."""
+        wanted = None if names is None else set(names)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while any(i.state in (InstanceState.PENDING, InstanceState.STARTING) for i in self.instances.values()):
+        while any(i.state in (InstanceState.PENDING, InstanceState.STARTING) for i in self.instances.values()
+                  if wanted is None or i.name in wanted):
             if deadline is not None and time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.2)
@@ -440,7 +442,6 @@ class Supervisor:
             backoff = min(backoff * 2, self.settings.backoff_max)
             instance.recent_restarts.append(time.monotonic())
             instance.restarts += 1
-            self.restarts_total[instance.name] = self.restarts_total.get(instance.name, 0) + 1
             instance.state = InstanceState.STARTING
 
     def _tail_text(self, instance: Instance, lines: int = 20) -> str:
@@ -597,7 +598,7 @@ class Supervisor:
                 continue
             failures += 1
             instance.health_failures = failures
-            self.health_check_failures[instance.name] = self.health_check_failures.get(instance.name, 0) + 1
+            instance.failed_checks += 1
             instance.last_error = why
             if failures >= self.settings.health_failures:
                 return f"{failures} health checks failed in a row (last: {why})"
