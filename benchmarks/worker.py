@@ -354,20 +354,20 @@ async def _http_pass(clients: list[httpx.AsyncClient], batches: list[list[str]])
     return np.concatenate(done)
 
 
-def http_rate(urls: Sequence[str], texts: list[str]) -> tuple[float, np.ndarray]:
-    """Embeddings/s of ``CLIENTS`` keep-alive clients (client k talks to ``urls[k % len(urls)]``)
+def http_rate(urls: Sequence[str], texts: list[str], clients: int = CLIENTS) -> tuple[float, np.ndarray]:
+    """Embeddings/s of ``clients`` keep-alive clients (client k talks to ``urls[k % len(urls)]``)
     sending batches of ``BATCH``: one warm-up pass, then one timed pass."""
     batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]
 
     async def run() -> tuple[float, np.ndarray]:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(
+            connections = [await stack.enter_async_context(
                 httpx.AsyncClient(base_url=urls[k % len(urls)], timeout=REQUEST_TIMEOUT_S, limits=limits))
-                for k in range(CLIENTS)]
-            await _http_pass(clients, batches)
+                for k in range(clients)]
+            await _http_pass(connections, batches)
             started = time.perf_counter()
-            vectors = await _http_pass(clients, batches)
+            vectors = await _http_pass(connections, batches)
             return len(texts) / (time.perf_counter() - started), vectors
 
     return asyncio.run(run())

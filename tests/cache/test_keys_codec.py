@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, decode, encode
+from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, codec, decode, encode
 from embedfleet.cache.keys import KEY_BYTES, MODEL_TAG_BYTES
 
 MODEL = ModelFingerprint("sentence-transformers/all-MiniLM-L6-v2", "aad5016", "embedding", "mean")
@@ -73,3 +73,21 @@ def test_keys_of_stored_entries_never_change() -> None:
     # Persistent stores hold entries under these keys: a changed hash input is a cold cache for everyone.
     key = cache_key(ModelFingerprint("a", "b", "embedding", "mean"), EmbedParams(prompt_name="q"), "héllo")
     assert key.hex() == "e4547a0b228b227585b57fe10e2a90ae376799ef0c5a2b447359a50f233a7b419bdb9422a235d01f"
+
+
+def test_values_keep_the_token_count() -> None:
+    blob = encode(np.ones(4, dtype=np.float32), tokens=42)
+    assert codec.tokens(blob) == 42 and decode(blob) is not None
+    forged = bytearray(blob)
+    forged[8] ^= 0x01  # the token count is under the checksum too
+    assert decode(bytes(forged)) is None
+
+
+def test_version_1_values_still_read() -> None:
+    # Values written before token counts existed stay valid (a cache of millions of vectors stays warm).
+    floats = np.arange(6, dtype=np.float32).tobytes()
+    v1 = codec.HEADER_V1.pack(b"EFv1", 6, 0.0, codec._checksum(1, 6, 0, 0.0, floats)) + floats
+    back = decode(v1)
+    assert back is not None and back.tobytes() == floats and codec.tokens(v1) == 0
+    assert decode(v1[:-1]) is None
+    assert decode(v1[:-4] + b"\x00\x00\x80\x7f") is None  # a changed float fails the version 1 checksum

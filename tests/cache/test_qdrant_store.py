@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from qdrant_client import models
 
-from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, decode, encode
+from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, codec, decode, encode
 from embedfleet.cache.codec import HEADER_BYTES
 from embedfleet.cache.keys import KEY_BYTES
 from embedfleet.cache.qdrant_store import QdrantStore, client_args, collection_name, point_id
@@ -23,14 +23,15 @@ DIM = 16
 
 
 def _entries(model: ModelFingerprint, n: int, dim: int = DIM, scale: float = 1.0, normalise: bool = False,
-             expires_at: float = 0.0) -> list[tuple[bytes, bytes]]:
+             expires_at: float = 0.0, tokens: int = 0) -> list[tuple[bytes, bytes]]:
     rng = np.random.default_rng(len(model.model_id) + n + dim)
     out = []
     for i in range(n):
         vector = scale * rng.standard_normal(dim).astype(np.float32)
         if normalise:
             vector = vector / np.linalg.norm(vector)
-        out.append((cache_key(model, EmbedParams(), f"text {i} {dim}"), encode(vector.astype(np.float32), expires_at)))
+        out.append((cache_key(model, EmbedParams(), f"text {i} {dim}"), encode(vector.astype(np.float32), expires_at,
+                                                                                  tokens)))
     return out
 
 
@@ -103,12 +104,28 @@ def test_one_dot_collection_per_model(store: QdrantStore) -> None:
 
 
 def test_points_carry_the_key_and_header_fields(store: QdrantStore) -> None:
-    (key, value), = _entries(A, 1, expires_at=1234567890.5)
+    (key, value), = _entries(A, 1, expires_at=1234567890.5, tokens=17)
     asyncio.run(store.set_many([(key, value)]))
     record, = store.client.retrieve(collection_name(A.tag), [point_id(key)], with_vectors=True)
     assert record.payload == {"key": key.hex(), "model_tag": A.tag.hex(), "expires_at": 1234567890.5,
-                              "checksum": value[16:24].hex(), "dim": DIM}
+                              "checksum": value[20:28].hex(), "dim": DIM, "tokens": 17}
     assert point_id(key) == str(uuid.UUID(bytes=key[8:24]))
+    got, = asyncio.run(store.get_many([key]))
+    assert got == value and codec.tokens(got) == 17
+
+
+def test_points_of_version_1_values_read_back_as_written(store: QdrantStore) -> None:
+    # A cache filled before values carried token counts must stay warm.
+    vector = np.arange(1, DIM + 1, dtype=np.float32)
+    floats = vector.tobytes()
+    v1 = codec.HEADER_V1.pack(codec.MAGIC_V1, DIM, 0.0, codec._checksum(1, DIM, 0, 0.0, floats)) + floats
+    assert codec.fields(v1) is not None and codec.tokens(v1) == 0
+    (key, _), = _entries(A, 1)
+    asyncio.run(store.set_many([(key, v1)]))
+    record, = store.client.retrieve(collection_name(A.tag), [point_id(key)])
+    assert record.payload is not None and "tokens" not in record.payload
+    got, = asyncio.run(store.get_many([key]))
+    assert got == v1 and decode(got) is not None and decode(got).tobytes() == floats  # type: ignore[union-attr]
 
 
 def test_delete_all_leaves_foreign_collections_alone(store: QdrantStore) -> None:

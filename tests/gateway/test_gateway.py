@@ -103,6 +103,21 @@ def test_big_batches_are_split_across_replicas(gateway: GatewayProcess, workers:
     assert gateway.post("/embed", {"inputs": ["x"] * 2049}).status_code == 422
 
 
+def test_one_request_is_spread_over_idle_replicas(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    # One client, one batch: both replicas work on it. Lengths vary so that ordering by length permutes.
+    texts = [f"spread {i} " + "word " * ((i * 7) % 23) for i in range(32)]
+    before = [w.metric("te_embed_count_total", method="embed") for w in workers]
+    r = gateway.post("/embed", {"inputs": texts})
+    assert r.status_code == 200
+    after = [w.metric("te_embed_count_total", method="embed") for w in workers]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [16, 16]
+    got = np.array(r.json(), dtype=np.float32)
+    direct = np.array(workers[1].post("/embed", {"inputs": texts}).json(), dtype=np.float32)
+    similarity = got @ direct.T
+    assert np.array_equal(similarity.argmax(axis=1), np.arange(32))  # every row in its input's place
+    assert np.diag(similarity).min() > 0.9999
+
+
 def test_cache_control(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
     text = {"inputs": "cache control text"}
     gateway.post("/embed", text)
@@ -132,6 +147,17 @@ def test_openai_route_uses_the_cache(gateway: GatewayProcess) -> None:
     second = client.embeddings.with_raw_response.create(model="default", input=["openai via gateway"])
     assert second.headers["x-cache"] == "hit"
     assert second.parse().data[0].embedding == first.data[0].embedding
+
+
+def test_openai_usage_counts_tokens_on_misses_and_hits(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    texts = ["usage counts one", "and a second, longer input for usage counts", "usage counts one"]
+    direct = workers[0].post("/v1/embeddings", {"input": texts, "model": "default"}).json()["usage"]
+    assert direct["prompt_tokens"] > 0
+    miss = gateway.post("/v1/embeddings", {"input": texts, "model": "default"})
+    hit = gateway.post("/v1/embeddings", {"input": texts, "model": "default"})
+    assert miss.headers["x-cache"] == "miss" and hit.headers["x-cache"] == "hit"
+    assert miss.json()["usage"] == hit.json()["usage"] == direct
+    assert hit.content == miss.content  # the cache is invisible in the body
 
 
 def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, workers: list[WorkerProcess],

@@ -61,6 +61,11 @@ def test_store_hits_are_byte_equal(worker: WorkerProcess, store_url: str, tmp_pa
             assert _poll_hit(g, body) == miss.content
         raw = np.array(g.post("/embed", {"inputs": "unnormalised", "normalize": False}).json()[0])
         assert abs(np.linalg.norm(raw) - 1.0) > 1e-3
+        # Token counts travel with the stored value: OpenAI usage is the same from the store.
+        openai = {"input": ["store me", "and me"], "model": "default"}
+        stored = g.post("/v1/embeddings", openai)
+        assert stored.headers["x-cache"] == "hit"
+        assert stored.json()["usage"] == worker.post("/v1/embeddings", openai).json()["usage"]
     finally:
         g.stop()
 

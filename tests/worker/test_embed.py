@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from embedfleet.api import binary
 from tests.helpers import WorkerProcess, validate_schema
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,20 @@ def test_vectors_equal_the_reference(worker: WorkerProcess, st_model: object) ->
     for header in TIMING_HEADERS:
         assert header in r.headers
     assert int(r.headers["x-compute-tokens"]) == sum(len(st_model.tokenizer(t)["input_ids"]) for t in TEXTS)  # type: ignore[attr-defined]
+
+
+def test_binary_form_has_the_same_floats_and_each_inputs_tokens(worker: WorkerProcess, st_model: object) -> None:
+    body = {"inputs": TEXTS, "normalize": False, "dimensions": 100}
+    as_json = worker.post("/embed", body)
+    as_binary = worker.post("/embed", body, headers={"accept": binary.ACCEPT})
+    assert as_binary.status_code == 200 and as_binary.headers["content-type"] == binary.MEDIA_TYPE
+    vectors, tokens = binary.decode(as_binary.content)
+    assert vectors.tobytes() == np.array(as_json.json(), dtype=np.float32).tobytes()
+    assert tokens.tolist() == [len(st_model.tokenizer(t)["input_ids"]) for t in TEXTS]  # type: ignore[attr-defined]
+    assert int(as_binary.headers["x-compute-tokens"]) == sum(tokens.tolist())
+    # Errors stay TEI's JSON, whatever the client accepts.
+    bad = worker.post("/embed", {"inputs": ""}, headers={"accept": binary.ACCEPT})
+    assert bad.status_code == 400 and bad.json()["error_type"] == "Empty"
 
 
 def test_single_string_and_paraphrase_closer_than_unrelated(worker: WorkerProcess) -> None:

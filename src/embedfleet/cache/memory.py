@@ -51,9 +51,9 @@ def entry_from_blob(blob: bytes) -> Entry:
     return (blob, codec.payload(blob), expires_at, None, None)
 
 
-def entry_from_vector(vector: np.ndarray, expires_at: float = 0.0) -> Entry:
-    """An entry for a vector (stored as little-endian float32)."""
-    blob = codec.encode(vector, expires_at)
+def entry_from_vector(vector: np.ndarray, expires_at: float = 0.0, tokens: int = 0) -> Entry:
+    """An entry for a vector (stored as little-endian float32) and its input's token count."""
+    blob = codec.encode(vector, expires_at, tokens)
     return (blob, codec.payload(blob), expires_at, None, None)
 
 
@@ -69,7 +69,11 @@ def render_json(entry: Entry) -> bytes:
 
 def render_b64(entry: Entry) -> bytes:
     """The vector's little-endian float32 bytes in base64, as a JSON string (with its quotes)."""
-    return entry[B64] or b'"' + binascii.b2a_base64(memoryview(entry[BLOB])[codec.HEADER_BYTES:], newline=False) + b'"'
+    if entry[B64]:
+        return entry[B64]
+    vector = entry[VECTOR]
+    assert vector is not None  # only entries with a checked vector are served
+    return b'"' + binascii.b2a_base64(vector.data, newline=False) + b'"'
 
 
 class MemoryStore(Store):

@@ -6,9 +6,10 @@ vectors on write in a Cosine collection, so an unnormalised embedding would be s
 vector (it would then fail the value checksum and read as a miss, here; elsewhere it is silently wrong).
 
 A point's id is a UUID made of the first 16 bytes of the key's entry hash; its payload holds the full
-key, the model tag, the expiry and the value checksum, so a read rebuilds the exact value bytes (header
-+ little-endian float32) and :func:`~embedfleet.cache.codec.decode` can verify them. A point whose
-payload names another key (an id collision), has the wrong size, or fails its checksum reads as a miss.
+key, the model tag, the expiry, the input's token count and the value checksum, so a read rebuilds the
+exact value bytes (header + little-endian float32) and :func:`~embedfleet.cache.codec.decode` can verify
+them. A point whose payload names another key (an id collision), has the wrong size, or fails its
+checksum reads as a miss.
 
 URLs:
 
@@ -76,26 +77,34 @@ def point_id(key: bytes) -> str:
     return str(uuid.UUID(bytes=key[MODEL_TAG_BYTES:MODEL_TAG_BYTES + _ID_BYTES]))
 
 
-def _parse_value(value: bytes) -> tuple[float, bytes, np.ndarray] | None:
-    """``(expires_at, checksum, vector)`` of a well-formed value, or None for one not worth storing.
+def _parse_value(value: bytes) -> tuple[codec.Fields, np.ndarray] | None:
+    """The header fields and vector of a well-formed value, or None for one not worth storing.
 
     Rejected: a malformed or corrupt value (bad magic, length or checksum), an empty vector (Qdrant
     needs a size of at least 1), and non-finite numbers (JSON, the server's wire format, has none).
     """
-    if codec.decode(value, now=-math.inf) is None:  # checks layout and checksum, not expiry
+    found = codec.fields(value)  # checks layout and checksum, not expiry
+    if found is None:
         return None
-    _, dim, expires_at, checksum = codec.HEADER.unpack_from(value)
-    vector = np.frombuffer(value, dtype="<f4", offset=codec.HEADER_BYTES)
-    if dim == 0 or not math.isfinite(expires_at) or not np.isfinite(vector).all():
+    vector = codec.payload(value)
+    if found.dim == 0 or not math.isfinite(found.expires_at) or not np.isfinite(vector).all():
         return None
-    return expires_at, checksum, vector
+    return found, vector
+
+
+def _int_field(payload: dict[str, Any], name: str) -> int | None:
+    value = payload.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _rebuild_value(key: bytes, record: models.Record) -> bytes | None:
-    """The exact value bytes a point stands for, or None where anything disagrees or fails the checksum."""
+    """The exact value bytes a point stands for, or None where anything disagrees or fails the checksum.
+
+    A point written before values carried token counts has no ``tokens``: it rebuilds a version 1 value.
+    """
     payload = record.payload or {}
     expires_at, checksum_hex, vector = payload.get("expires_at"), payload.get("checksum"), record.vector
-    length = payload.get("dim")
+    length, tokens = _int_field(payload, "dim"), _int_field(payload, "tokens")
     if payload.get("key") != key.hex() or not isinstance(checksum_hex, str) or not isinstance(vector, list):
         return None
     if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
@@ -103,16 +112,16 @@ def _rebuild_value(key: bytes, record: models.Record) -> bytes | None:
     try:
         checksum = bytes.fromhex(checksum_hex)
         array = np.asarray(vector, dtype="<f4")
-        if isinstance(length, int) and not isinstance(length, bool) and 0 < length <= len(array):
+        if length is not None and 0 < length <= len(array):
             array = array[:length]  # stored zero-padded to the collection's size
-        header = codec.HEADER.pack(codec.MAGIC, len(array), float(expires_at), checksum)
+        header = codec.Fields(1 if tokens is None else 2, len(array), tokens or 0, float(expires_at), checksum)
+        value = codec.assemble(header, array.tobytes())
     except (ValueError, TypeError, OverflowError, struct.error):  # a malformed payload or vector
         return None
     if len(checksum) != 8:  # "8s" would pad or cut it
         return None
     if array.ndim != 1 or len(array) == 0:
         return None
-    value = header + array.tobytes()
     return value if codec.decode(value, now=-math.inf) is not None else None
 
 
@@ -250,11 +259,13 @@ class QdrantStore(Store):
                 self.skipped_writes += 1
                 log.debug("not storing a malformed cache entry (key %s, %d bytes)", key.hex(), len(value))
                 continue
-            expires_at, checksum, vector = parsed
+            header, vector = parsed
             tag = key[:MODEL_TAG_BYTES]
             dims.setdefault(tag, self._native.get(tag, len(vector)))
-            payload = {"key": key.hex(), "model_tag": tag.hex(), "expires_at": expires_at, "checksum": checksum.hex(),
-                       "dim": len(vector)}
+            payload: dict[str, Any] = {"key": key.hex(), "model_tag": tag.hex(), "expires_at": header.expires_at,
+                                       "checksum": header.checksum.hex(), "dim": len(vector)}
+            if header.version == 2:
+                payload["tokens"] = header.tokens
             pid = point_id(key)
             groups[tag].pop(pid, None)  # the last write of a key wins
             groups[tag][pid] = models.PointStruct(id=pid, vector=vector.tolist(), payload=payload)

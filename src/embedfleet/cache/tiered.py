@@ -134,9 +134,9 @@ class TieredCache:
         """Vectors for the keys (None for misses); corrupt or expired entries are misses."""
         return [None if e is None else e[VECTOR] for e in await self.lookup(keys, read_store)]
 
-    def entry(self, vector: np.ndarray) -> Entry:
-        """A value for a vector, with this cache's expiry (float32, as stored)."""
-        return entry_from_vector(vector, time.time() + self.ttl if self.ttl else 0.0)
+    def entry(self, vector: np.ndarray, tokens: int = 0) -> Entry:
+        """A value for a vector and its input's token count, with this cache's expiry (float32, as stored)."""
+        return entry_from_vector(vector, time.time() + self.ttl if self.ttl else 0.0, tokens)
 
     def store_entries(self, items: Sequence[tuple[bytes, Entry]]) -> None:
         """Cache entries: memory now, the store through the write-behind queue."""

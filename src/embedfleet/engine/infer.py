@@ -42,6 +42,8 @@ class Stats:
 
     characters: int = 0
     tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+    """Tokens of each input, in input order."""
     tokenization_time: float = 0.0
     queue_time: float = 0.0
     inference_time: float = 0.0
@@ -148,7 +150,8 @@ class Engine:
             self._tokenize_pool, self.tokenization.encode, texts, self._truncate(truncate), direction, pairs
         )
         stats.tokenization_time = time.perf_counter() - started
-        stats.tokens = sum(e.length for e in encoded)
+        stats.lengths = [e.length for e in encoded]
+        stats.tokens = sum(stats.lengths)
         stats.characters = sum(e.characters for e in encoded)
         self.metrics.tokenization_duration.observe(stats.tokenization_time)
         for e in encoded:

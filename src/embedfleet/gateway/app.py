@@ -70,21 +70,19 @@ def render_embed(result: EmbedResult) -> bytes:
     return b"".join(_joined(result.json_rows(), b"[", b"]"))
 
 
-_USAGE = b'"usage":{"prompt_tokens":0,"total_tokens":0}}'
-
-
 def render_openai(result: EmbedResult, model: str, base64: bool) -> bytes:
     """The /v1/embeddings body, byte for byte what ``orjson.dumps`` writes for the response object.
 
-    Cached inputs are never tokenized, so their token counts are unknown: usage says 0 rather than
-    invent a number.
+    ``usage`` counts every input's tokens, hits included (each cache entry keeps its input's count), so
+    the body is the same whether the cache answered or a worker did.
     """
     parts = [b'{"object":"list","data":[']
     for i, row in enumerate(result.b64_rows() if base64 else result.json_rows()):
         parts += (b'{"object":"embedding","index":%d,"embedding":' % i, row, b"},")
     if len(parts) > 1:
         parts[-1] = b"}"  # the last object's closing brace, without the comma
-    parts += (b'],"model":', orjson.dumps(model), b",", _USAGE)
+    usage = b'"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (result.tokens, result.tokens)
+    parts += (b'],"model":', orjson.dumps(model), b",", usage)
     return b"".join(parts)
 
 

@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
+import orjson
 
-from embedfleet.api import errors
+from embedfleet.api import binary, errors
 from embedfleet.api.schemas import TruncationDirection
+from embedfleet.cache import codec
 from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
-from embedfleet.cache.memory import B64, JSON, VECTOR, Entry, MemoryStore, render_b64, render_json
+from embedfleet.cache.memory import B64, BLOB, JSON, VECTOR, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.gateway.upstream import Pool, UpstreamInfo
 
@@ -79,12 +82,21 @@ class EmbedResult:
         return out
 
     @property
+    def tokens(self) -> int:
+        """Tokens of all inputs, as the worker counted them when it computed each (0 for inputs whose
+        upstream did not say: TEI servers do not report per-input counts)."""
+        return sum(codec.tokens(row[BLOB]) for row in self.rows)
+
+    @property
     def cache_status(self) -> str:
         """``hit``, ``miss`` or ``partial``."""
         if self.misses == 0:
             return "hit"
         return "miss" if self.hits == 0 else "partial"
 
+
+MIN_SPREAD_INPUTS = 8
+"""A request's misses are spread over as many idle replicas as give each at least this many inputs."""
 
 HasherKey = tuple[ModelFingerprint, bool, bool, str, str | None, int | None]
 
@@ -216,7 +228,8 @@ class EmbeddingService:
                        raw: list[list[int]], body: dict[str, Any], policy: CachePolicy) -> list[Entry]:
         """Compute this request's own misses (and raw inputs), settle their futures, cache them."""
         try:
-            computed = [self.cache.entry(v) for v in await self._compute([*texts, *raw], body)]
+            vectors, tokens = await self._compute([*texts, *raw], body)
+            computed = [self.cache.entry(v, t) for v, t in zip(vectors, tokens, strict=True)]
         except Exception as exc:
             for key, fut in mine.items():
                 self._in_flight.pop(key, None)
@@ -230,23 +243,59 @@ class EmbeddingService:
             self.cache.store_entries(list(zip(mine, computed, strict=False)))
         return computed
 
-    async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> list[np.ndarray]:
-        """Send the misses to the upstreams in parallel sub-batches; vectors in order."""
+    async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> tuple[list[np.ndarray], list[int]]:
+        """Send the misses to the upstreams in parallel sub-batches; vectors and token counts in order.
+
+        Sub-batches respect the upstreams' ``max_client_batch_size`` and token budget. A request with
+        enough misses is also spread over the replicas that are idle now, so one client sending one
+        batch at a time still gets every replica working for it (under load, when no replica is idle,
+        each request goes whole to the least-loaded one: cutting it would only cost more calls). The
+        misses are ordered by length before they are cut, so each sub-batch holds inputs of about one
+        length (a replica pads a batch to its longest input).
+        """
         if not items:
-            return []
+            return [], []
         info = self._info()
-        chunks = split(items, max(1, info.max_client_batch_size), info.max_batch_tokens)
+        order = sorted(range(len(items)), key=lambda i: estimate_tokens(items[i]))
+        ranked = [items[i] for i in order]
+        idle = sum(1 for u in self.pool.healthy if u.in_flight == 0)
+        replicas = max(1, min(idle, len(items) // MIN_SPREAD_INPUTS))
+        per_chunk = min(max(1, info.max_client_batch_size), -(-len(items) // replicas))
+        chunks = split(ranked, per_chunk, info.max_batch_tokens)
         self.upstream_inputs += len(items)
         results = await asyncio.gather(
-            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate_tokens, chunk)))
+            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate_tokens, chunk)),
+                             parse=read_embeddings, accept=binary.ACCEPT)
               for chunk in chunks))
-        vectors: list[np.ndarray] = []
-        for chunk, result in zip(chunks, results, strict=True):
-            if not isinstance(result, list) or len(result) != len(chunk):
-                raise errors.backend(f"upstream returned {len(result) if isinstance(result, list) else 'no'} "
-                                     f"vectors for {len(chunk)} inputs")
-            vectors.extend(np.asarray(v, dtype=np.float32) for v in result)
-        return vectors
+        vectors: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+        tokens = [0] * len(items)
+        position = iter(order)
+        for chunk, (matrix, counts) in zip(chunks, results, strict=True):
+            if len(matrix) != len(chunk):
+                raise errors.backend(f"upstream returned {len(matrix)} vectors for {len(chunk)} inputs")
+            for j, vector in enumerate(matrix):
+                i = next(position)
+                vectors[i] = vector
+                if counts is not None:
+                    tokens[i] = int(counts[j])
+        return vectors, tokens
+
+
+def read_embeddings(response: httpx.Response) -> tuple[np.ndarray, np.ndarray | None]:
+    """An upstream's /embed answer: ``(vectors [n, dim] float32, token counts or None)``.
+
+    An embedfleet worker answers in the binary form the gateway asks for, with token counts; a TEI server
+    answers JSON, without. ValueError for a body that is neither (the pool then tries another replica).
+    """
+    if response.headers.get("content-type", "").startswith(binary.MEDIA_TYPE):
+        return binary.decode(response.content)
+    rows = orjson.loads(response.content)
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise ValueError("upstream /embed answer is not a list of vectors")
+    matrix = np.asarray(rows, dtype=np.float32) if rows else np.empty((0, 0), dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError("upstream /embed answer has vectors of different lengths")
+    return matrix, None
 
 
 def estimate_tokens(item: str | list[int]) -> int:

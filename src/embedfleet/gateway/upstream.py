@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -22,6 +22,14 @@ from embedfleet.api.errors import EmbedfleetError, ErrorType
 from embedfleet.cache.keys import ModelFingerprint
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+def parse_json(response: httpx.Response) -> Any:
+    """A response's JSON body (ValueError where it is not JSON)."""
+    return orjson.loads(response.content)
 
 
 @dataclass(frozen=True)
@@ -86,19 +94,21 @@ class Upstream:
         self.healthy = healthy
         return healthy
 
-    async def post(self, route: str, body: dict[str, Any], weight: int) -> Any:
-        """POST JSON; returns the parsed body. Raises EmbedfleetError for a 4xx, httpx errors otherwise."""
+    async def post(self, route: str, body: dict[str, Any], weight: int, parse: Callable[[httpx.Response], T],
+                   accept: str | None = None) -> T:
+        """POST JSON; returns ``parse(response)``. Raises EmbedfleetError for a 4xx, httpx errors for a 5xx
+        or a failed call, and whatever ``parse`` raises (ValueError) for a body it cannot read."""
         self.in_flight += weight
         try:
             r = await self.client.post(route, content=orjson.dumps(body),
-                                       headers={"content-type": "application/json"})
+                                       headers=_JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept})
         finally:
             self.in_flight -= weight
         if r.status_code >= 500:
             raise httpx.HTTPStatusError(f"{r.status_code} from {self.url}", request=r.request, response=r)
         if r.status_code >= 400:
             raise _upstream_error(r)
-        return orjson.loads(r.content)
+        return parse(r)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -183,8 +193,10 @@ class Pool:
             self.ejections += 1
             log.warning("ejected upstream %s: %s", upstream.url, reason or type(reason).__name__)
 
-    async def post(self, route: str, body: dict[str, Any], weight: int = 1) -> Any:
-        """Call the least-loaded healthy replica; on failure eject it and retry on another."""
+    async def post(self, route: str, body: dict[str, Any], weight: int = 1,
+                   parse: Callable[[httpx.Response], T] = parse_json, accept: str | None = None) -> T:
+        """Call the least-loaded healthy replica; on failure (an unreadable body included) eject it and retry
+        on another."""
         tried: set[Upstream] = set()
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
@@ -196,10 +208,10 @@ class Pool:
             if attempt:
                 self.retried += 1
             try:
-                return await upstream.post(route, body, weight)
+                return await upstream.post(route, body, weight, parse, accept)
             except EmbedfleetError:
                 raise
-            except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+            except (httpx.HTTPError, ValueError) as exc:
                 last = exc
                 self._eject(upstream, exc)
         detail = f" (last error: {last})" if last else ""

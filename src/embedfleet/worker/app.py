@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 
 from embedfleet import __version__
-from embedfleet.api import errors
+from embedfleet.api import binary, errors
 from embedfleet.api.errors import EmbedfleetError
 from embedfleet.api.http import BodyLimit, install_error_handlers, json_response, lifespan
 from embedfleet.api.schemas import (
@@ -125,7 +125,8 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
 
     install_error_handlers(app, _count_failure, access_log)
 
-    async def _handle(name: str, work: Callable[[Engine, Stats], Awaitable[Any]]) -> Response:
+    async def _handle(name: str, work: Callable[[Engine, Stats], Awaitable[Any]],
+                      binary_body: bool = False) -> Response:
         engine = state.ready()
         stats = Stats()
         m = engine.metrics
@@ -134,20 +135,25 @@ def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | N
             body = await work(engine, stats)
         m.request_success.labels(name).inc()
         m.request_duration.labels(name).observe(time.perf_counter() - stats.started)
+        if binary_body:
+            return Response(binary.encode(*body), media_type=binary.MEDIA_TYPE, headers=_timing_headers(state, stats))
         return json_response(body, headers=_timing_headers(state, stats))
 
     # ----- TEI routes -----
 
     @app.post("/embed", response_model=list[list[float]], responses=_TEI_ERRORS, tags=["TEI"])
-    async def embed(req: EmbedRequest) -> Response:
-        """Pooled embeddings."""
+    async def embed(req: EmbedRequest, request: Request) -> Response:
+        """Pooled embeddings. With ``Accept: application/x-embedfleet-embeddings``, float32 bytes and each
+        input's token count instead of JSON (what the gateway asks for)."""
+        as_binary = binary.accepts(request.headers.get("accept"))
 
         async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.embed(_inputs(req.inputs), normalize=req.normalize, truncate=req.truncate,
-                                      direction=req.truncation_direction, prompt_name=req.prompt_name,
-                                      dimensions=req.dimensions, stats=stats)
+            vectors = await engine.embed(_inputs(req.inputs), normalize=req.normalize, truncate=req.truncate,
+                                         direction=req.truncation_direction, prompt_name=req.prompt_name,
+                                         dimensions=req.dimensions, stats=stats)
+            return (vectors, stats.lengths) if as_binary else vectors
 
-        return await _handle("embed", work)
+        return await _handle("embed", work, binary_body=as_binary)
 
     @app.post("/embed_all", response_model=list[list[list[float]]], responses=_TEI_ERRORS, tags=["TEI"])
     async def embed_all(req: EmbedAllRequest) -> Response:
