@@ -166,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scaled = plans[1][0]
     ratio = mean[scaled, CLIENTS] / mean[base, CLIENTS]
     table = Table(title=f"scaling through embedfleet serve ({args.device}, cold misses, {BATCH} texts/request)")
-    for column in ("fleet", "workers", "threads each", f"{CLIENTS} connections: embeddings/s", f"vs {base}",
-                   "1 connection: embeddings/s", f"vs {base} "):
+    for column in ("fleet", "workers", "threads", f"emb/s, {CLIENTS} conn.", "ratio", "emb/s, 1 conn.", "ratio "):
         table.add_column(column, justify="left" if column == "fleet" else "right")
     for name, replicas, threads in plans:
         table.add_row(name, str(replicas), str(threads or "auto"),

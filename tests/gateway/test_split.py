@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import orjson
 import pytest
 
 from embedfleet.api import binary
 from embedfleet.gateway.service import estimate_tokens, read_embeddings, split
+from embedfleet.gateway.upstream import Reply
 
 
 def test_split_by_count_and_tokens_keeps_order() -> None:
@@ -27,8 +27,8 @@ def test_estimates() -> None:
     assert estimate_tokens("a" * 40) == 12
 
 
-def _response(content: bytes, content_type: str) -> httpx.Response:
-    return httpx.Response(200, content=content, headers={"content-type": content_type})
+def _response(content: bytes, content_type: str) -> Reply:
+    return Reply(200, content_type, content)
 
 
 def test_upstream_answers_in_either_form() -> None:

@@ -28,12 +28,13 @@ from embedfleet.cache.keys import MODEL_TAG_BYTES
 DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
-Entry = tuple[bytes, np.ndarray | None, float, bytes | None, bytes | None]
-"""``(value bytes, vector or None, expires_at, JSON array or None, base64 JSON string or None)``.
+Entry = tuple[bytes, np.ndarray | None, float, bytes | None, bytes | None, int]
+"""``(value bytes, vector or None, expires_at, JSON array or None, base64 JSON string or None, tokens)``.
 
 The vector is a read-only view of the value's float32 bytes; None where the bytes are malformed or fail
 their checksum (a :class:`MemoryStore` used as a plain store keeps whatever it is given; the cache reads
-such an entry as a miss). ``expires_at`` is in unix seconds, 0 for never."""
+such an entry as a miss). ``expires_at`` is in unix seconds, 0 for never. ``tokens`` is the input's token
+count from the value's header (0 where unknown), read once so that summing a response's usage is cheap."""
 
 # Positions in an Entry.
 BLOB: Final = 0
@@ -41,20 +42,21 @@ VECTOR: Final = 1
 EXPIRES: Final = 2
 JSON: Final = 3
 B64: Final = 4
+TOKENS: Final = 5
 
 
 def entry_from_blob(blob: bytes) -> Entry:
     """An entry for stored bytes, checked now (layout and checksum; expiry is checked on reads)."""
-    expires_at = codec.verify(blob)
-    if expires_at is None:
-        return (blob, None, 0.0, None, None)
-    return (blob, codec.payload(blob), expires_at, None, None)
+    fields = codec.fields(blob)
+    if fields is None:
+        return (blob, None, 0.0, None, None, 0)
+    return (blob, codec.payload(blob), fields.expires_at, None, None, fields.tokens)
 
 
 def entry_from_vector(vector: np.ndarray, expires_at: float = 0.0, tokens: int = 0) -> Entry:
     """An entry for a vector (stored as little-endian float32) and its input's token count."""
     blob = codec.encode(vector, expires_at, tokens)
-    return (blob, codec.payload(blob), expires_at, None, None)
+    return (blob, codec.payload(blob), expires_at, None, None, tokens)
 
 
 def entry_size(entry: Entry) -> int:
@@ -125,7 +127,8 @@ class MemoryStore(Store):
         b64 = None if entry[B64] is not None else b64
         if json is None and b64 is None:
             return
-        self._data[key] = (entry[BLOB], entry[VECTOR], entry[EXPIRES], json or entry[JSON], b64 or entry[B64])
+        self._data[key] = (entry[BLOB], entry[VECTOR], entry[EXPIRES], json or entry[JSON], b64 or entry[B64],
+                           entry[TOKENS])
         self._bytes += len(json or b"") + len(b64 or b"")
         self._evict()
 

@@ -13,17 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import numpy as np
 import orjson
 
 from embedfleet.api import binary, errors
 from embedfleet.api.schemas import TruncationDirection
-from embedfleet.cache import codec
 from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
-from embedfleet.cache.memory import B64, BLOB, JSON, VECTOR, Entry, MemoryStore, render_b64, render_json
+from embedfleet.cache.memory import B64, JSON, TOKENS, VECTOR, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
-from embedfleet.gateway.upstream import Pool, UpstreamInfo
+from embedfleet.gateway.upstream import Pool, Reply, UpstreamInfo
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class EmbedResult:
     def tokens(self) -> int:
         """Tokens of all inputs, as the worker counted them when it computed each (0 for inputs whose
         upstream did not say: TEI servers do not report per-input counts)."""
-        return sum(codec.tokens(row[BLOB]) for row in self.rows)
+        return sum([row[TOKENS] for row in self.rows])
 
     @property
     def cache_status(self) -> str:
@@ -281,15 +279,15 @@ class EmbeddingService:
         return vectors, tokens
 
 
-def read_embeddings(response: httpx.Response) -> tuple[np.ndarray, np.ndarray | None]:
+def read_embeddings(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
     """An upstream's /embed answer: ``(vectors [n, dim] float32, token counts or None)``.
 
     An embedfleet worker answers in the binary form the gateway asks for, with token counts; a TEI server
     answers JSON, without. ValueError for a body that is neither (the pool then tries another replica).
     """
-    if response.headers.get("content-type", "").startswith(binary.MEDIA_TYPE):
-        return binary.decode(response.content)
-    rows = orjson.loads(response.content)
+    if reply.content_type == binary.MEDIA_TYPE:
+        return binary.decode(reply.body)
+    rows = orjson.loads(reply.body)
     if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
         raise ValueError("upstream /embed answer is not a list of vectors")
     matrix = np.asarray(rows, dtype=np.float32) if rows else np.empty((0, 0), dtype=np.float32)
