@@ -1,4 +1,5 @@
-"""Memory and LMDB stores: batched get/set, per-model delete and stats, bounds, persistence, sharing."""
+"""Memory, LMDB and Redis stores: batched get/set, per-model delete and stats; memory bounds; LMDB
+persistence and sharing (Redis-only behaviour is in test_redis_store.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, decode, e
 from embedfleet.cache.base import Store
 from embedfleet.cache.lmdb_store import LmdbStore
 from embedfleet.cache.memory import MemoryStore
+from tests.cache.redis_server import RedisServer, needs_redis_server
 
 A = ModelFingerprint("model-a", "1", "embedding", "mean")
 B = ModelFingerprint("model-b", "1", "embedding", "mean")
@@ -26,9 +29,15 @@ def _entries(model: ModelFingerprint, n: int) -> list[tuple[bytes, bytes]]:
             for i in range(n)]
 
 
-@pytest.fixture(params=["memory", "lmdb"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    return MemoryStore() if request.param == "memory" else LmdbStore(tmp_path / "cache")
+@pytest.fixture(params=["memory", "lmdb", pytest.param("redis", marks=[pytest.mark.slow, needs_redis_server])])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "redis":
+        from embedfleet.cache.redis_store import RedisStore
+
+        with RedisServer() as server:
+            yield RedisStore(server.url)
+    else:
+        yield MemoryStore() if request.param == "memory" else LmdbStore(tmp_path / "cache")
 
 
 def test_get_set_delete_stats(store: Store) -> None:

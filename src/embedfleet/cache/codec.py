@@ -99,11 +99,6 @@ def payload(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4", offset=HEADER_BYTES if blob[:4] == MAGIC else HEADER_V1.size)
 
 
-def tokens(blob: bytes) -> int:
-    """The token count of a value :func:`verify` accepted (0 where unknown)."""
-    return int.from_bytes(blob[8:12], "little") if blob[:4] == MAGIC else 0
-
-
 def decode(blob: bytes | memoryview | None, now: float | None = None) -> np.ndarray | None:
     """The vector, or None when the value is absent, malformed, corrupt or expired."""
     if blob is None:
