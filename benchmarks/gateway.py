@@ -5,7 +5,7 @@ processes (``--cache memory://``) on 127.0.0.1, and the reference proxy of ``ben
 The texts are the worker benchmark's deterministic short English-like sentences (~18 tokens); each text is
 used once per cache, so a "fresh" text has never been seen by any process.
 
-The load generator runs in this process: ``CLIENTS`` (8) keep-alive HTTP/1.1 connections (:class:`Connection`:
+The load generator runs in this process: ``CLIENTS`` (8) keep-alive HTTP/1.1 connections (``loadgen.Connection``:
 asyncio streams writing pre-built requests and reading ``Content-Length`` bodies), on one event loop (uvloop
 when installed), share one list of pre-serialised requests; each connection sends the next request as soon
 as its last answer is back (a closed loop). Every server of a comparison (worker, gateway, reference proxy)
@@ -79,15 +79,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
 import orjson
+from loadgen import Connection, LoadError, build_requests, header_value, run_async
 from rich.console import Console
 from rich.table import Table
 from worker import (
@@ -101,8 +102,6 @@ from worker import (
     publish,
     worker_process,
 )
-
-T = TypeVar("T")
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -341,81 +340,6 @@ class Run:
         }
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a fresh event loop: uvloop's when installed (a cheaper load generator)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-class LoadError(Exception):
-    """A request the load generator could not complete (connection lost, malformed answer)."""
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection of the load generator: pre-built requests out, answers in.
-
-    Deliberately lean (asyncio streams, no per-request objects beyond the answer's bytes): httpx costs
-    about half a millisecond of CPU per request, more than the gateway needs to answer one, so with it
-    the load generator, not the server, was measured. Answers must carry ``Content-Length`` (uvicorn's
-    do for every response of the servers measured here).
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def open(self) -> None:
-        """Connect (again)."""
-        self.close()
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-
-    def close(self) -> None:
-        """Drop the connection."""
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def request(self, raw: bytes) -> tuple[int, bytes, bytes]:
-        """Send one pre-built request; its status, lower-cased head and body."""
-        if self.reader is None or self.writer is None:
-            await self.open()
-            assert self.reader is not None and self.writer is not None
-        try:
-            self.writer.write(raw)
-            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
-            start = head.find(b"\r\ncontent-length:")
-            if start < 0:
-                raise LoadError("answer without content-length")
-            start += len(b"\r\ncontent-length:")
-            body = await self.reader.readexactly(int(head[start:head.index(b"\r", start)]))
-            return int(head[9:12]), head, body
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            self.close()
-            raise LoadError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def header_value(head: bytes, name: bytes) -> str | None:
-    """A header's value from a lower-cased response head (``name`` lower case)."""
-    start = head.find(b"\r\n" + name + b":")
-    if start < 0:
-        return None
-    start += len(name) + 3
-    return head[start:head.index(b"\r", start)].strip().decode("latin-1")
-
-
-def build_requests(url: str, path: str, bodies: Sequence[bytes]) -> list[bytes]:
-    """Complete HTTP/1.1 POST requests of JSON bodies, ready to write."""
-    host = url.split("://", 1)[1].rstrip("/")
-    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: "
-    return [b"%s%d\r\n\r\n%s" % (head.encode(), len(b), b) for b in bodies]
-
-
 async def _drive(connections: list[Connection], load: Load, requests: list[bytes], bounds: Bounds,
                  run: Run) -> None:
     """Send requests of ``load`` on every connection until the bounds are reached; record into ``run``."""
@@ -460,8 +384,7 @@ def run_load(load: Load) -> Run:
     """One load: ``load.connections`` keep-alive connections, an optional untimed warm-up, then the timed run."""
 
     async def go() -> Run:
-        host, _, port = load.url.split("://", 1)[1].rstrip("/").rpartition(":")
-        connections = [Connection(host, int(port)) for _ in range(load.connections)]
+        connections = [Connection.to(load.url) for _ in range(load.connections)]
         requests = build_requests(load.url, load.path, load.bodies)
         try:
             for connection in connections:

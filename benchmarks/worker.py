@@ -61,6 +61,7 @@ from typing import IO, Any, TypeVar
 import httpx
 import numpy as np
 import orjson
+from loadgen import Connection, build_requests, run_async
 from rich.console import Console
 from rich.table import Table
 
@@ -335,42 +336,45 @@ def worker_process(worker_args: Sequence[str]) -> Iterator[WorkerProcess]:
             worker.stop()
 
 
-async def _http_pass(clients: list[httpx.AsyncClient], batches: list[list[str]]) -> np.ndarray:
-    """Every batch posted once; each client takes the next unsent batch when its last one returns."""
-    outputs: list[np.ndarray | None] = [None] * len(batches)
-    todo = iter(range(len(batches)))  # shared by the clients: one event loop, so no lock is needed
+async def _http_pass(connections: list[Connection], requests: list[list[bytes]]) -> list[bytes]:
+    """Every batch posted once (connection k sends ``requests[k]``'s copy, built for its URL); each
+    connection takes the next unsent batch when its last answer is back. The answers, as bytes."""
+    answers: list[bytes] = [b""] * len(requests[0])
+    todo = iter(range(len(answers)))  # shared by the connections: one event loop, so no lock is needed
 
-    async def client_loop(http: httpx.AsyncClient) -> None:
+    async def client_loop(connection: Connection, own: list[bytes]) -> None:
         for i in todo:
-            body = orjson.dumps({"inputs": batches[i], "truncate": True})
-            response = await http.post("/embed", content=body, headers={"content-type": "application/json"})
-            response.raise_for_status()
-            outputs[i] = np.asarray(orjson.loads(response.content), dtype=np.float32)
+            status, _, body = await connection.request(own[i])
+            if status != 200:
+                raise RuntimeError(f"batch {i}: HTTP {status}: {body[:300].decode(errors='replace')}")
+            answers[i] = body
 
-    await asyncio.gather(*(client_loop(c) for c in clients))
-    done = [o for o in outputs if o is not None]
-    if len(done) != len(batches):
-        raise RuntimeError(f"{len(batches) - len(done)} batches got no answer")
-    return np.concatenate(done)
+    await asyncio.gather(*(client_loop(c, own) for c, own in zip(connections, requests, strict=True)))
+    return answers
 
 
 def http_rate(urls: Sequence[str], texts: list[str], clients: int = CLIENTS) -> tuple[float, np.ndarray]:
-    """Embeddings/s of ``clients`` keep-alive clients (client k talks to ``urls[k % len(urls)]``)
-    sending batches of ``BATCH``: one warm-up pass, then one timed pass."""
-    batches = [texts[i:i + BATCH] for i in range(0, len(texts), BATCH)]
+    """Embeddings/s of ``clients`` keep-alive connections (connection k talks to ``urls[k % len(urls)]``)
+    posting batches of ``BATCH`` to ``/embed``: one warm-up pass, then one timed pass. The answers of the
+    timed pass are parsed after it (the load generator shares the machine with the servers it measures)."""
+    bodies = [orjson.dumps({"inputs": texts[i:i + BATCH], "truncate": True}) for i in range(0, len(texts), BATCH)]
+    per_url = {url: build_requests(url, "/embed", bodies) for url in urls}
 
-    async def run() -> tuple[float, np.ndarray]:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with contextlib.AsyncExitStack() as stack:
-            connections = [await stack.enter_async_context(
-                httpx.AsyncClient(base_url=urls[k % len(urls)], timeout=REQUEST_TIMEOUT_S, limits=limits))
-                for k in range(clients)]
-            await _http_pass(connections, batches)
+    async def run() -> tuple[float, list[bytes]]:
+        targets = [urls[k % len(urls)] for k in range(clients)]
+        connections = [Connection.to(url) for url in targets]
+        requests = [per_url[url] for url in targets]
+        try:
+            await asyncio.wait_for(_http_pass(connections, requests), REQUEST_TIMEOUT_S)
             started = time.perf_counter()
-            vectors = await _http_pass(connections, batches)
-            return len(texts) / (time.perf_counter() - started), vectors
+            answers = await asyncio.wait_for(_http_pass(connections, requests), REQUEST_TIMEOUT_S)
+            return len(texts) / (time.perf_counter() - started), answers
+        finally:
+            for connection in connections:
+                connection.close()
 
-    return asyncio.run(run())
+    rate, answers = run_async(run())
+    return rate, np.concatenate([np.asarray(orjson.loads(a), dtype=np.float32) for a in answers])
 
 
 def bench_workers(variant: str, worker_args: list[list[str]], sets: list[TextSet], results: Results,

@@ -118,6 +118,18 @@ def test_one_request_is_spread_over_idle_replicas(gateway: GatewayProcess, worke
     assert np.diag(similarity).min() > 0.9999
 
 
+def test_token_estimate_follows_the_workers_counts(gateway: GatewayProcess) -> None:
+    # The gateway has no tokenizer: it learns characters per token from the counts workers answer.
+    # Chinese takes one token a character here (English prose some 4 to 5), so sub-batches cut by the
+    # estimate keep to the workers' token budget.
+    hanzi = "汉字文本测试数据向量检索模型服务"
+    for r in range(8):
+        texts = [hanzi * 2 + f" {r} {i}" for i in range(32)]
+        assert gateway.post("/embed", {"inputs": texts}).status_code == 200
+    ratio = gateway.metric("ef_chars_per_token")
+    assert 0.9 < ratio < 1.5
+
+
 def test_cache_control(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
     text = {"inputs": "cache control text"}
     gateway.post("/embed", text)

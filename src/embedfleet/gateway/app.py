@@ -114,7 +114,11 @@ class _GatewayCollector(Collector):
                                       labels=["model", "upstream"])
         healthy = GaugeMetricFamily("ef_upstream_healthy", "1 when the upstream is healthy",
                                     labels=["model", "upstream"])
+        ratio = GaugeMetricFamily("ef_chars_per_token", "Characters per token the pool's answers show "
+                                  "(the gateway's token estimate for splitting; 4 until workers answer)",
+                                  labels=["model"])
         for name, service in self.router.services.items():
+            ratio.add_metric([name], service.estimate.chars_per_token)
             hits.add_metric([name], service.hits)
             misses.add_metric([name], service.misses)
             sent.add_metric([name], service.upstream_inputs)
@@ -123,7 +127,7 @@ class _GatewayCollector(Collector):
             for u in service.pool.upstreams:
                 in_flight.add_metric([name, u.url], u.in_flight)
                 healthy.add_metric([name, u.url], 1.0 if u.healthy else 0.0)
-        yield from (hits, misses, sent, retries, ejections, in_flight, healthy)
+        yield from (hits, misses, sent, retries, ejections, in_flight, healthy, ratio)
         yield from self.cache.store_latency.collect()
 
 

@@ -2,8 +2,9 @@
 
 For one request: identical texts are computed once; every key is looked up in one round trip per
 tier; a key that another request is already computing is awaited, not computed again; the rest is
-split into sub-batches that fit the upstreams' ``max_client_batch_size``, sent to replicas in
-parallel, and merged back in input order. All or nothing: a request gets every vector or an error.
+split into sub-batches that fit the upstreams' ``max_client_batch_size`` and (estimated) token
+budget, sent to replicas in parallel, and merged back in input order. All or nothing: a request
+gets every vector or an error.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class EmbeddingService:
         self._in_flight: dict[bytes, asyncio.Future[Entry]] = {}
         self._tasks: set[asyncio.Task[list[Entry]]] = set()
         self._hashers: dict[HasherKey, KeyHasher] = {}
+        self.estimate = TokenEstimator()
         self.upstream_inputs = 0
         self.hits = 0
         self.misses = 0
@@ -254,15 +256,16 @@ class EmbeddingService:
         if not items:
             return [], []
         info = self._info()
-        order = sorted(range(len(items)), key=lambda i: estimate_tokens(items[i]))
+        estimate = self.estimate
+        order = sorted(range(len(items)), key=lambda i: estimate(items[i]))
         ranked = [items[i] for i in order]
         idle = sum(1 for u in self.pool.healthy if u.in_flight == 0)
         replicas = max(1, min(idle, len(items) // MIN_SPREAD_INPUTS))
         per_chunk = min(max(1, info.max_client_batch_size), -(-len(items) // replicas))
-        chunks = split(ranked, per_chunk, info.max_batch_tokens)
+        chunks = split(ranked, per_chunk, info.max_batch_tokens, estimate)
         self.upstream_inputs += len(items)
         results = await asyncio.gather(
-            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate_tokens, chunk)),
+            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
                              parse=read_embeddings, accept=binary.ACCEPT)
               for chunk in chunks))
         vectors: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
@@ -276,6 +279,8 @@ class EmbeddingService:
                 vectors[i] = vector
                 if counts is not None:
                     tokens[i] = int(counts[j])
+            if counts is not None:
+                estimate.learn(chunk, counts, info.max_input_length)
         return vectors, tokens
 
 
@@ -296,20 +301,52 @@ def read_embeddings(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
     return matrix, None
 
 
-def estimate_tokens(item: str | list[int]) -> int:
-    """Tokens an input will take, without a tokenizer: ~4 characters a token (English BPE/WordPiece),
-    plus the special tokens. Token-id inputs are exact."""
-    return len(item) if isinstance(item, list) else len(item) // 4 + 2
+class TokenEstimator:
+    """Tokens an input will take, guessed before the upstream tokenizes it (the gateway has no tokenizer).
+
+    Text: its characters over a characters-per-token ratio, plus the special tokens. The ratio starts at
+    4 (English WordPiece/BPE) and follows what the pool's tokenizer really does: embedfleet workers
+    answer every vector with its input's token count, and each answer moves the ratio towards the one it
+    shows (code and CJK text take far more tokens per character than English prose). A TEI upstream
+    reports no counts, so its pool keeps 4. Token-id inputs are exact.
+    """
+
+    SPECIAL = 2
+    START = 4.0
+    LEARN_RATE = 0.25  # an exponential moving average over answers: a few answers adapt it
+    MIN_TOKENS = 64  # an answer with fewer (non-special, untruncated) tokens says too little to learn from
+
+    def __init__(self) -> None:
+        self.chars_per_token = self.START
+
+    def __call__(self, item: str | list[int]) -> int:
+        if isinstance(item, list):
+            return len(item)
+        return round(len(item) / self.chars_per_token) + self.SPECIAL
+
+    def learn(self, items: Sequence[str | list[int]], counts: np.ndarray, max_length: int) -> None:
+        """Move the ratio towards the one an answer shows. Inputs cut at ``max_length`` (or near it) are
+        left out: their count says nothing of their characters."""
+        chars = tokens = 0
+        for item, count in zip(items, counts.tolist(), strict=True):
+            if isinstance(item, str) and self.SPECIAL < count < max_length:
+                chars += len(item)
+                tokens += count - self.SPECIAL
+        if tokens >= self.MIN_TOKENS:
+            seen = min(max(chars / tokens, 0.5), 32.0)
+            self.chars_per_token += self.LEARN_RATE * (seen - self.chars_per_token)
 
 
-def split(items: list[str | list[int]], max_inputs: int, max_tokens: int) -> list[list[str | list[int]]]:
-    """Consecutive sub-batches of at most ``max_inputs`` inputs and about ``max_tokens`` tokens
-    (an input over the budget alone goes alone: the upstream truncates or rejects it)."""
+def split(items: list[str | list[int]], max_inputs: int, max_tokens: int,
+          estimate: Callable[[str | list[int]], int]) -> list[list[str | list[int]]]:
+    """Consecutive sub-batches of at most ``max_inputs`` inputs and about ``max_tokens`` tokens, as
+    ``estimate`` counts them (an input over the budget alone goes alone: the upstream truncates or
+    rejects it)."""
     chunks: list[list[str | list[int]]] = []
     current: list[str | list[int]] = []
     tokens = 0
     for item in items:
-        cost = estimate_tokens(item)
+        cost = estimate(item)
         if current and (len(current) >= max_inputs or tokens + cost > max_tokens):
             chunks.append(current)
             current, tokens = [], 0

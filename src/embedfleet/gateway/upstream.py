@@ -61,6 +61,7 @@ class UpstreamInfo:
     fingerprint: ModelFingerprint
     max_client_batch_size: int
     max_batch_tokens: int
+    max_input_length: int
     auto_truncate: bool
     raw: dict[str, Any]
 
@@ -75,7 +76,8 @@ class UpstreamInfo:
         model_id = str(info["model_id"])
         fingerprint = ModelFingerprint(model_id, info.get("model_sha") or info.get("revision"), task, pooling)
         return cls(model_id, fingerprint, int(info.get("max_client_batch_size") or 32),
-                   int(info.get("max_batch_tokens") or 16384), bool(info.get("auto_truncate", False)), info)
+                   int(info.get("max_batch_tokens") or 16384), int(info.get("max_input_length") or 512),
+                   bool(info.get("auto_truncate", False)), info)
 
 
 def _upstream_error(reply: Reply) -> EmbedfleetError:
