@@ -20,6 +20,12 @@ from embedfleet.api.errors import EmbedfleetError
 
 Hook = Callable[[], Awaitable[None]]
 
+KEEP_ALIVE_S = 75
+"""How long the worker and the gateway keep an idle client connection open (uvicorn's default: 5 s).
+Longer than the idle timeouts of the clients and proxies in front of them (httpx 5 s, aiohttp 15 s,
+the gateway's 30 s, nginx's upstream keepalive 60 s), so it is the client that closes an idle
+connection, never the server just as the client sends a request on it."""
+
 
 def lifespan(on_startup: Hook | None,
              on_shutdown: Hook | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.registry import Collector
 
+from embedfleet.api.http import KEEP_ALIVE_S
 from embedfleet.cache.memory import MemoryStore
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.cache.urls import open_store
@@ -116,7 +117,7 @@ def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
         if settings.tls_client_ca is not None:
             tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                          timeout_graceful_shutdown=10, lifespan="on", **tls)  # type: ignore[arg-type]
+                          timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S, lifespan="on", **tls)  # type: ignore[arg-type]
 
 
 def serve(app: FastAPI, settings: GatewaySettings) -> None:

@@ -5,7 +5,9 @@ here against about 1 ms for httpx's (its anyio and httpcore layers), and the gat
 every miss pays on top of the worker's. A pool sends each call to the healthy replica with
 the fewest inputs in flight; a connection error, timeout or 5xx ejects the replica at once
 (passive) and the call is retried on another; an active check polls /health and re-admits
-replicas that answer 200. A 4xx is the client's error and is passed through unchanged.
+replicas that answer 200. A kept-alive connection that the replica dropped as the call went out is
+not a failure: the call goes once more to the same replica, on a new connection. A 4xx is the
+client's error and is passed through unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ class UpstreamFailed(Exception):
 
 FAILURES = (aiohttp.ClientError, TimeoutError, UpstreamFailed, ValueError)
 """What a call to a replica raises when the replica failed it (ValueError: a body that cannot be read)."""
+
+
+KEEPALIVE_S = 30.0
+"""How long the gateway keeps an idle connection to a replica: below the workers' own idle timeout
+(``api.http.KEEP_ALIVE_S``), so the gateway, not the worker, closes idle connections."""
+
+
+def _dropped_before_answer(exc: BaseException) -> bool:
+    """A connection lost while the request went out or before any answer, other than a refused connect:
+    typically a kept-alive connection the server closed (its idle timeout, a restart) just as it was
+    reused. Not the replica's fault: the call is sent once more, on another connection."""
+    return (isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+            and not isinstance(exc, aiohttp.ClientConnectorError))
 
 
 def parse_json(reply: Reply) -> Any:
@@ -107,8 +122,8 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         """The keep-alive connection pool (made on first use: aiohttp needs the running event loop)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                self.url, timeout=self.timeout, connector=aiohttp.TCPConnector(limit=256, limit_per_host=256))
+            self._session = aiohttp.ClientSession(self.url, timeout=self.timeout, connector=aiohttp.TCPConnector(
+                limit=256, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
         return self._session
 
     async def _call(self, method: str, route: str, timeout: aiohttp.ClientTimeout | None = None,
@@ -137,10 +152,17 @@ class Upstream:
                    accept: str | None = None) -> T:
         """POST JSON; returns ``parse(reply)``. Raises EmbedfleetError for a 4xx, and one of
         :data:`FAILURES` where the replica failed the call (5xx, connection, timeout, unreadable body)."""
+        data = orjson.dumps(body)
+        headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
         try:
-            reply = await self._call("POST", route, data=orjson.dumps(body),
-                                     headers=_JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept})
+            try:
+                reply = await self._call("POST", route, data=data, headers=headers)
+            except aiohttp.ClientError as exc:
+                if not _dropped_before_answer(exc):
+                    raise
+                log.debug("upstream %s dropped a connection (%s); sending again", self.url, exc)
+                reply = await self._call("POST", route, data=data, headers=headers)
         finally:
             self.in_flight -= weight
         if reply.status >= 500:

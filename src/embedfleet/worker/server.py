@@ -10,6 +10,7 @@ import time
 
 import uvicorn
 
+from embedfleet.api.http import KEEP_ALIVE_S
 from embedfleet.config import WorkerSettings
 from embedfleet.engine.backends import create_backend, resolve_device
 from embedfleet.engine.infer import Engine, Limits
@@ -90,7 +91,8 @@ def run_worker(settings: WorkerSettings) -> None:
     """Serve until interrupted."""
     app, state = create_worker_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
-                            access_log=False, timeout_graceful_shutdown=10, lifespan="on")
+                            access_log=False, timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S,
+                            lifespan="on")
     server = uvicorn.Server(config)
     state.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()

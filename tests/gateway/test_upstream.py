@@ -1,0 +1,76 @@
+"""The upstream pool's handling of dropped connections, against a real HTTP/1.1 server on loopback that
+misbehaves on purpose: it drops the second request of every connection without answering, as a server
+does when it closes a kept-alive connection (idle timeout, restart) just as the client reuses it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from embedfleet.api.errors import EmbedfleetError
+from embedfleet.gateway.upstream import Pool
+
+ANSWER = b"[[1.0,2.0]]"
+
+
+class DroppingServer:
+    """Answers the first request of each connection (kept alive), drops the connection on the second."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, int]] = []  # (connection number, request number on it)
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection = self.connections
+        try:
+            for number in (1, 2):
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                start = head.index(b"content-length:") + len(b"content-length:")
+                await reader.readexactly(int(head[start:head.index(b"\r", start)]))
+                self.requests.append((connection, number))
+                if number == 2:
+                    break  # dropped: no answer
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(ANSWER), ANSWER))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_a_connection_dropped_before_the_answer_is_sent_again_not_ejected() -> None:
+    async def scenario() -> None:
+        server = DroppingServer()
+        pool = Pool("m", [await server.start()], health_interval=None)
+        pool.upstreams[0].healthy = True  # admitted (the server has no /health: it only answers POSTs)
+        try:
+            assert await pool.post("/embed", {"inputs": ["a"]}) == [[1.0, 2.0]]
+            # Same kept-alive connection: the server drops it; the call goes again on a new connection.
+            assert await pool.post("/embed", {"inputs": ["b"]}) == [[1.0, 2.0]]
+            assert server.requests == [(1, 1), (1, 2), (2, 1)]
+            assert pool.ejections == 0 and pool.retried == 0 and pool.upstreams[0].healthy
+            # A replica that is gone (connection refused) is still ejected at once.
+            await server.stop()
+            await pool.upstreams[0].session.close()
+            pool.upstreams[0]._session = None
+            with pytest.raises(EmbedfleetError) as caught:
+                await pool.post("/embed", {"inputs": ["c"]})
+            assert caught.value.status == 503 and pool.ejections == 1 and not pool.upstreams[0].healthy
+        finally:
+            await pool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
