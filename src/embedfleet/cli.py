@@ -44,7 +44,8 @@ def worker(
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (torch).")] = None,
     threads: Annotated[int | None, typer.Option(help="Backend threads (default: all cores).")] = None,
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantization (onnx).")] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per batch (16384).")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        help="Padded tokens per batch (512 for onnx on CPU, else 16384).")] = None,
     max_batch_requests: Annotated[int | None, typer.Option(help="Inputs per batch (32 on CPU, 256 on CUDA).")] = None,
     max_client_batch_size: Annotated[int | None, typer.Option(help="Inputs per request (32).")] = None,
     max_concurrent_requests: Annotated[int | None, typer.Option(help="Requests in flight before 429 (512).")] = None,

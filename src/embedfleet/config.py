@@ -95,7 +95,10 @@ class WorkerSettings(_Settings):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: all cores)")
     quantize: Literal["int8"] | None = None
-    max_batch_tokens: int = Field(16384, ge=1)
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="padded tokens per batch (default: 512 for onnx on CPU, where bigger batches run "
+                                "slower; 16384 otherwise; never below the model's max input length)"
+    )
     max_batch_requests: int | None = Field(
         None, ge=1, description="inputs per batch (default: 32 on CPU, where bigger batches run slower; 256 on CUDA)"
     )

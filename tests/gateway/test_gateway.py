@@ -105,12 +105,16 @@ def test_big_batches_are_split_across_replicas(gateway: GatewayProcess, workers:
 
 def test_one_request_is_spread_over_idle_replicas(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
     # One client, one batch: both replicas work on it. Lengths vary so that ordering by length permutes.
-    texts = [f"spread {i} " + "word " * ((i * 7) % 23) for i in range(32)]
+    texts = [f"spread {i} " + "word " * (24 + (i * 7) % 23) for i in range(32)]  # 16 of them: > 512 tokens
     before = [w.metric("te_embed_count_total", method="embed") for w in workers]
+    calls = [w.metric("te_request_count_total", method="embed") for w in workers]
     r = gateway.post("/embed", {"inputs": texts})
     assert r.status_code == 200
     after = [w.metric("te_embed_count_total", method="embed") for w in workers]
     assert [a - b for a, b in zip(after, before, strict=True)] == [16, 16]
+    # One call each: the workers' 512-token batch budget does not cut the request into more calls.
+    new_calls = [w.metric("te_request_count_total", method="embed") - c for w, c in zip(workers, calls, strict=True)]
+    assert new_calls == [1, 1]
     got = np.array(r.json(), dtype=np.float32)
     direct = np.array(workers[1].post("/embed", {"inputs": texts}).json(), dtype=np.float32)
     similarity = got @ direct.T

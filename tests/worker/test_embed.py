@@ -135,6 +135,7 @@ def test_info_health_metrics_openapi(worker: WorkerProcess) -> None:
     validate_schema(info, "Info")
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert (info["max_input_length"], info["dimension"], info["max_client_batch_size"]) == (256, 384, 32)
+    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (512, 32)  # onnx on CPU
     probes = worker.metric("te_batch_inference_success_total")
     assert worker.get("/health").status_code == 200
     assert worker.metric("te_batch_inference_success_total") == probes + 1  # idle: a real one-input inference

@@ -97,6 +97,11 @@ class EmbedResult:
 MIN_SPREAD_INPUTS = 8
 """A request's misses are spread over as many idle replicas as give each at least this many inputs."""
 
+CALL_TOKENS = 16384
+"""Estimated tokens one call to a replica may carry (or the replica's batch budget, where larger). A
+worker cuts a call into batches of its own budget (512 tokens for onnx on CPU): calls cut to that
+budget would only add HTTP round trips for the same batches."""
+
 HasherKey = tuple[ModelFingerprint, bool, bool, str, str | None, int | None]
 
 
@@ -246,7 +251,8 @@ class EmbeddingService:
     async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> tuple[list[np.ndarray], list[int]]:
         """Send the misses to the upstreams in parallel sub-batches; vectors and token counts in order.
 
-        Sub-batches respect the upstreams' ``max_client_batch_size`` and token budget. A request with
+        Sub-batches respect the upstreams' ``max_client_batch_size`` and carry at most
+        :data:`CALL_TOKENS` estimated tokens (or an upstream's larger batch budget). A request with
         enough misses is also spread over the replicas that are idle now, so one client sending one
         batch at a time still gets every replica working for it (under load, when no replica is idle,
         each request goes whole to the least-loaded one: cutting it would only cost more calls). The
@@ -262,7 +268,7 @@ class EmbeddingService:
         idle = sum(1 for u in self.pool.healthy if u.in_flight == 0)
         replicas = max(1, min(idle, len(items) // MIN_SPREAD_INPUTS))
         per_chunk = min(max(1, info.max_client_batch_size), -(-len(items) // replicas))
-        chunks = split(ranked, per_chunk, info.max_batch_tokens, estimate)
+        chunks = split(ranked, per_chunk, max(info.max_batch_tokens, CALL_TOKENS), estimate)
         self.upstream_inputs += len(items)
         results = await asyncio.gather(
             *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),

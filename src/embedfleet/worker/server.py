@@ -13,11 +13,21 @@ import uvicorn
 from embedfleet.api.http import KEEP_ALIVE_S
 from embedfleet.config import WorkerSettings
 from embedfleet.engine.backends import create_backend, resolve_device
+from embedfleet.engine.backends.base import Backend
 from embedfleet.engine.infer import Engine, Limits
 from embedfleet.engine.model import inspect
 from embedfleet.worker.app import WorkerState, create_app
 
 log = logging.getLogger("embedfleet.worker")
+
+DEFAULT_BATCH_TOKENS = 16384
+"""Padded tokens per batch unless the backend prefers fewer (TEI's default)."""
+
+
+def default_batch_tokens(backend: Backend, max_input_length: int) -> int:
+    """The padded-token budget of a batch when none is configured: what the backend runs fastest
+    (16384 where it has no preference), never below one input of the model's maximum length."""
+    return max(backend.preferred_batch_tokens or DEFAULT_BATCH_TOKENS, max_input_length)
 
 
 def build_engine(settings: WorkerSettings) -> Engine:
@@ -28,7 +38,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     backend.warmup()
     max_batch_requests = settings.max_batch_requests or (256 if backend.device.startswith("cuda") else 32)
     limits = Limits(
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=settings.max_batch_tokens or default_batch_tokens(backend, info.max_input_length),
         max_batch_requests=max_batch_requests,
         max_client_batch_size=settings.max_client_batch_size,
         max_concurrent_requests=settings.max_concurrent_requests,

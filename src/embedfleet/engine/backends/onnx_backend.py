@@ -206,10 +206,23 @@ def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optim
         return quantized
 
 
+CPU_BATCH_TOKENS = 512
+"""onnxruntime on CPU runs batches of about 512 padded tokens fastest (likely because a layer's
+activations then stay in a core's L2 cache). Measured on a Xeon with 4 MiB of L2 a core, against
+batches of 32 inputs within 16384 tokens, one thread: all-MiniLM-L6-v2 fp32 +9% on ~18-token texts
+and +17% on ~200-token ones, int8 +30% on ~200-token ones, a BERT-base-sized model +3 to +9%. torch
+(bf16 on AMX) is the other way round, so this is the onnx backend's preference only."""
+
+
 class OnnxBackend(Backend):
     """Runs the exported graph with onnxruntime."""
 
     name = "onnx"
+
+    @property
+    def preferred_batch_tokens(self) -> int | None:
+        """512 padded tokens on CPU (:data:`CPU_BATCH_TOKENS`); no preference on CUDA."""
+        return None if self.device.startswith("cuda") else CPU_BATCH_TOKENS
 
     def __init__(self, info: ModelInfo, cache_dir: Path, device: str = "cpu", threads: int | None = None,
                  quantize: str | None = None, dtype: str | None = None, optimize: bool = True) -> None:
