@@ -8,6 +8,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -111,13 +112,14 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
 
 def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
     """The server's config: HTTPS and mTLS when configured; SIGTERM drains for up to 10 s."""
-    tls: dict[str, object] = {}
+    tls: dict[str, Any] = {}
     if settings.tls_cert is not None:
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
         if settings.tls_client_ca is not None:
             tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                          timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S, lifespan="on", **tls)  # type: ignore[arg-type]
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
+                          access_log=False, timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S,
+                          lifespan="on", **tls)
 
 
 def serve(app: FastAPI, settings: GatewaySettings) -> None:

@@ -6,7 +6,7 @@ every miss pays on top of the worker's. A pool sends each call to the healthy re
 the fewest inputs in flight; a connection error, timeout or 5xx ejects the replica at once
 (passive) and the call is retried on another; an active check polls /health and re-admits
 replicas that answer 200. A kept-alive connection that the replica dropped as the call went out is
-not a failure: the call goes once more to the same replica, on a new connection. A 4xx is the
+not a failure: the call goes once more to the same replica, on another connection. A 4xx is the
 client's error and is passed through unchanged.
 """
 
@@ -58,7 +58,8 @@ KEEPALIVE_S = 30.0
 def _dropped_before_answer(exc: BaseException) -> bool:
     """A connection lost while the request went out or before any answer, other than a refused connect:
     typically a kept-alive connection the server closed (its idle timeout, a restart) just as it was
-    reused. Not the replica's fault: the call is sent once more, on another connection."""
+    reused. Not the replica's fault: the call is sent once more (the dropped connection is discarded, so
+    on another one)."""
     return (isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
             and not isinstance(exc, aiohttp.ClientConnectorError))
 

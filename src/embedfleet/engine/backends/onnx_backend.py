@@ -219,11 +219,6 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
-    @property
-    def preferred_batch_tokens(self) -> int | None:
-        """512 padded tokens on CPU (:data:`CPU_BATCH_TOKENS`); no preference on CUDA."""
-        return None if self.device.startswith("cuda") else CPU_BATCH_TOKENS
-
     def __init__(self, info: ModelInfo, cache_dir: Path, device: str = "cpu", threads: int | None = None,
                  quantize: str | None = None, dtype: str | None = None, optimize: bool = True) -> None:
         import onnxruntime as ort
@@ -255,6 +250,11 @@ class OnnxBackend(Backend):
         self._inputs = {i.name for i in self.session.get_inputs()}  # type: ignore[attr-defined]
         self._outputs = [o.name for o in self.session.get_outputs()]  # type: ignore[attr-defined]
         log.info("onnx graph %s (%s)", path, self.source)
+
+    @property
+    def preferred_batch_tokens(self) -> int | None:
+        """512 padded tokens on CPU (:data:`CPU_BATCH_TOKENS`); no preference on CUDA."""
+        return None if self.device.startswith("cuda") else CPU_BATCH_TOKENS
 
     def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:
         """One forward pass."""
