@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from embedfleet.engine.backends import create_backend
+from embedfleet.engine.infer import DEFAULT_BATCH_TOKENS
 from embedfleet.engine.model import inspect
-from embedfleet.worker.server import DEFAULT_BATCH_TOKENS, default_batch_tokens
+from embedfleet.worker.server import default_batch_tokens
 
 
 def test_default_batch_tokens_per_backend(data_dir: Path) -> None:

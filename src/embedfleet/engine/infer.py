@@ -23,12 +23,15 @@ from embedfleet.engine.metrics import EngineMetrics
 from embedfleet.engine.model import ModelInfo, Task
 from embedfleet.engine.tokenization import Encoded, Tokenization
 
+DEFAULT_BATCH_TOKENS = 16384
+"""Padded tokens per batch unless the backend prefers fewer (TEI's default)."""
+
 
 @dataclass(frozen=True)
 class Limits:
     """Request and batch limits of a replica."""
 
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_batch_requests: int = 512
     max_client_batch_size: int = 32
     max_concurrent_requests: int = 512

@@ -29,7 +29,7 @@ async def _check(spec: str, revision: str | None) -> dict[str, Any]:
     import numpy as np
 
     from embedfleet.engine.backends import create_backend
-    from embedfleet.engine.infer import Engine, Limits
+    from embedfleet.engine.infer import DEFAULT_BATCH_TOKENS, Engine, Limits
     from embedfleet.engine.model import Task, inspect
 
     started = time.perf_counter()
@@ -37,7 +37,7 @@ async def _check(spec: str, revision: str | None) -> dict[str, Any]:
     # The data dir is unused by the torch backend; a folder that exists keeps create_backend's contract.
     backend = await asyncio.to_thread(partial(create_backend, info, "torch", "cpu", info.path, threads=1))
     await asyncio.to_thread(backend.warmup)
-    limits = Limits(max_batch_tokens=max(16384, info.max_input_length), max_batch_requests=8,
+    limits = Limits(max_batch_tokens=max(DEFAULT_BATCH_TOKENS, info.max_input_length), max_batch_requests=8,
                     max_client_batch_size=8, tokenization_workers=1)
     engine = Engine(info, backend, limits)
     engine.start()

@@ -50,7 +50,7 @@ FAILURES = (aiohttp.ClientError, TimeoutError, UpstreamFailed, ValueError)
 """What a call to a replica raises when the replica failed it (ValueError: a body that cannot be read)."""
 
 
-KEEPALIVE_S = 30.0
+UPSTREAM_IDLE_S = 30.0
 """How long the gateway keeps an idle connection to a replica: below the workers' own idle timeout
 (``api.http.KEEP_ALIVE_S``), so the gateway, not the worker, closes idle connections."""
 
@@ -124,7 +124,7 @@ class Upstream:
         """The keep-alive connection pool (made on first use: aiohttp needs the running event loop)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(self.url, timeout=self.timeout, connector=aiohttp.TCPConnector(
-                limit=256, limit_per_host=256, keepalive_timeout=KEEPALIVE_S))
+                limit=256, limit_per_host=256, keepalive_timeout=UPSTREAM_IDLE_S))
         return self._session
 
     async def _call(self, method: str, route: str, timeout: aiohttp.ClientTimeout | None = None,
@@ -132,6 +132,16 @@ class Upstream:
         async with self.session.request(method, route, data=data, headers=headers,
                                         timeout=timeout or self.timeout) as r:
             return Reply(r.status, r.content_type, await r.read(), r.reason or "")
+
+    async def _send(self, route: str, data: bytes, headers: dict[str, str]) -> Reply:
+        """POST once, and once more where the connection was dropped before any answer."""
+        try:
+            return await self._call("POST", route, data=data, headers=headers)
+        except aiohttp.ClientError as exc:
+            if not _dropped_before_answer(exc):
+                raise
+            log.debug("upstream %s dropped a connection (%s); sending again", self.url, exc)
+            return await self._call("POST", route, data=data, headers=headers)
 
     async def refresh(self) -> bool:
         """Check /health (and read /info once); returns whether the replica is healthy."""
@@ -153,17 +163,10 @@ class Upstream:
                    accept: str | None = None) -> T:
         """POST JSON; returns ``parse(reply)``. Raises EmbedfleetError for a 4xx, and one of
         :data:`FAILURES` where the replica failed the call (5xx, connection, timeout, unreadable body)."""
-        data = orjson.dumps(body)
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
         try:
-            try:
-                reply = await self._call("POST", route, data=data, headers=headers)
-            except aiohttp.ClientError as exc:
-                if not _dropped_before_answer(exc):
-                    raise
-                log.debug("upstream %s dropped a connection (%s); sending again", self.url, exc)
-                reply = await self._call("POST", route, data=data, headers=headers)
+            reply = await self._send(route, orjson.dumps(body), headers)
         finally:
             self.in_flight -= weight
         if reply.status >= 500:

@@ -14,19 +14,17 @@ from embedfleet.api.http import KEEP_ALIVE_S
 from embedfleet.config import WorkerSettings
 from embedfleet.engine.backends import create_backend, resolve_device
 from embedfleet.engine.backends.base import Backend
-from embedfleet.engine.infer import Engine, Limits
+from embedfleet.engine.infer import DEFAULT_BATCH_TOKENS, Engine, Limits
 from embedfleet.engine.model import inspect
 from embedfleet.worker.app import WorkerState, create_app
 
 log = logging.getLogger("embedfleet.worker")
 
-DEFAULT_BATCH_TOKENS = 16384
-"""Padded tokens per batch unless the backend prefers fewer (TEI's default)."""
-
 
 def default_batch_tokens(backend: Backend, max_input_length: int) -> int:
     """The padded-token budget of a batch when none is configured: what the backend runs fastest
-    (16384 where it has no preference), never below one input of the model's maximum length."""
+    (:data:`DEFAULT_BATCH_TOKENS` where it has no preference), never below one input of the model's
+    maximum length."""
     return max(backend.preferred_batch_tokens or DEFAULT_BATCH_TOKENS, max_input_length)
 
 
