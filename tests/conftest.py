@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where exported ONNX graphs are cached: $EMBEDFLEET_DATA_DIR (CI keeps it per run) or a tmp dir."""
-    env = os.environ.get("EMBEDFLEET_DATA_DIR")
+    """Where exported ONNX graphs are cached: $EMBEDFLEET_WORKER_DATA_DIR (CI keeps it per run) or a tmp dir."""
+    env = os.environ.get("EMBEDFLEET_WORKER_DATA_DIR")
     return Path(env) if env else tmp_path_factory.mktemp("embedfleet-data")
 
 

@@ -2,39 +2,112 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from embedfleet.config import ConfigError, WorkerSettings
+from embedfleet.config import (
+    ConfigError,
+    FleetSettings,
+    GatewaySettings,
+    WorkerSettings,
+    normalize_device,
+    without_none,
+)
 
 
 def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "embedfleet.toml"
-    cfg.write_text('[worker]\nport = 9001\nmax-batch-tokens = 4096\nmodel = "from-file"\nauto_truncate = true\n')
-    monkeypatch.setenv("EMBEDFLEET_PORT", "9002")
-    monkeypatch.setenv("EMBEDFLEET_MODEL", "from-env")
-    s = WorkerSettings.load(cfg, table="worker", model="from-flag", port=None)
+    cfg.write_text('[worker]\nport = 9001\nmax-batch-tokens = 4096\nmodel = "from-file"\nauto_truncate = false\n')
+    monkeypatch.setenv("EMBEDFLEET_WORKER_PORT", "9002")
+    monkeypatch.setenv("EMBEDFLEET_WORKER_MODEL", "from-env")
+    s = WorkerSettings.load(cfg, model="from-flag", port=None)
     assert s.model == "from-flag"  # flag beats env and file
     assert s.port == 9002  # env beats file
     assert s.max_batch_tokens == 4096  # file beats default
-    assert s.auto_truncate is True
+    assert s.auto_truncate is False
     assert s.max_client_batch_size == 32  # default
+
+
+def test_each_command_reads_its_own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDFLEET_GATEWAY_HEALTH_INTERVAL", "7")
+    monkeypatch.setenv("EMBEDFLEET_FLEET_HEALTH_INTERVAL", "9")
+    monkeypatch.setenv("EMBEDFLEET_PORT", "9999")  # the old shared prefix: no command's
+    monkeypatch.setenv("EMBEDFLEET_ADMIN_KEY", "client-key")  # the CLI clients' variable, not the gateway's
+    gateway, fleet = GatewaySettings.load(os.devnull), FleetSettings.load(os.devnull)
+    assert (gateway.health_interval, fleet.health_interval) == (7.0, 9.0)
+    assert gateway.port == 8080 and gateway.admin_key is None
+    assert WorkerSettings.load(os.devnull).port == 8081
+    assert WorkerSettings.env_name("data_dir") == "EMBEDFLEET_WORKER_DATA_DIR"
+
+
+def test_config_file_from_the_environment_and_devnull_is_empty(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "other.toml"
+    cfg.write_text("[gateway]\nport = 9100\n[fleet]\nport_range = \"9000-9010\"\n")
+    monkeypatch.setenv("EMBEDFLEET_CONFIG", str(cfg))
+    assert GatewaySettings.load().port == 9100
+    assert FleetSettings.load().ports == (9000, 9010)
+    assert GatewaySettings.load(os.devnull).port == 8080  # --config beats EMBEDFLEET_CONFIG
+
+
+def test_auto_truncate_is_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WorkerSettings.load(os.devnull).auto_truncate is True
+    monkeypatch.setenv("EMBEDFLEET_WORKER_AUTO_TRUNCATE", "false")
+    assert WorkerSettings.load(os.devnull).auto_truncate is False
+
+
+def test_fleet_settings_derived_from_the_worker_keep_its_types_and_bounds() -> None:
+    for name in ("threads", "backend", "data_dir"):
+        fleet, worker = FleetSettings.model_fields[name], WorkerSettings.model_fields[name]
+        assert without_none(fleet.annotation) == without_none(worker.annotation), name
+        assert fleet.metadata == worker.metadata, name
+    assert FleetSettings().data_dir == WorkerSettings().data_dir
+    with pytest.raises(ValueError, match="threads"):
+        FleetSettings(threads=0)
+    with pytest.raises(ValueError, match="backend"):
+        FleetSettings(backend="tpu")  # type: ignore[arg-type]
+
+
+def test_fleet_devices_repeated_or_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert FleetSettings(devices=["0,1", "2"]).devices == ["0", "1", "2"]
+    monkeypatch.setenv("EMBEDFLEET_FLEET_DEVICES", "0, 1")
+    assert FleetSettings.load(os.devnull).devices == ["0", "1"]
+
+
+@pytest.mark.parametrize(("value", "options", "expected"), [
+    ("cpu", {}, "cpu"), (" CUDA:1 ", {}, "cuda:1"), ("cuda", {}, "cuda"), ("auto", {"auto": True}, "auto"),
+    ("3", {"index": True}, "cuda:3"), ("cuda:03", {}, "cuda:3"),
+])
+def test_normalize_device(value: str, options: dict[str, bool], expected: str) -> None:
+    assert normalize_device(value, **options) == expected
+
+
+@pytest.mark.parametrize(("value", "options"), [
+    ("auto", {}), ("3", {}), ("tpu", {"auto": True, "index": True}), ("cuda:x", {}), ("cuda:-1", {"index": True}),
+    ("", {"index": True}), ("cuda:\u00b2", {}),
+])
+def test_normalize_device_refuses(value: str, options: dict[str, bool]) -> None:
+    with pytest.raises(ValueError, match="is not"):
+        normalize_device(value, **options)
 
 
 def test_invalid_settings_fail_clearly(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[worker]\nnot_a_setting = 1\n")
     with pytest.raises(ConfigError, match="not_a_setting"):
-        WorkerSettings.load(cfg, table="worker")
+        WorkerSettings.load(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
-        WorkerSettings.load(tmp_path / "missing.toml", table="worker")
+        WorkerSettings.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        WorkerSettings.load(tmp_path)  # a folder
     with pytest.raises(ValueError, match="device"):
-        WorkerSettings.load(None, table="worker", device="tpu")
+        WorkerSettings.load(os.devnull, device="tpu")
     with pytest.raises(ValueError, match="onnx"):
-        WorkerSettings.load(None, table="worker", backend="torch", quantize="int8")
+        WorkerSettings.load(os.devnull, backend="torch", quantize="int8")
 
 
 def test_cli_rejects_bad_flags_before_loading() -> None:

@@ -2,26 +2,135 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from embedfleet import __version__
-from embedfleet.config import ConfigError, FleetSettings, GatewaySettings, WorkerSettings
+from embedfleet.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_FILE,
+    ConfigError,
+    FleetSettings,
+    GatewaySettings,
+    Settings,
+    WorkerSettings,
+    flag_name,
+    without_none,
+)
+from embedfleet.fleet.spec import WORKER_OPTIONS, InstanceRequest
 
+# Plain click help: it wraps to the terminal without cutting option names, and shows `[worker]` as written
+# (rich markup would take it for a style).
 app = typer.Typer(help="embedfleet: self-hosted text-embedding serving.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode=None)
 err = Console(stderr=True)
 out = Console()
 
+SERVE_GATEWAY_OPTIONS = ("host", "port", "cache", "api_key", "admin_key")
+"""The gateway settings ``embedfleet serve`` takes as flags (the rest: ``[gateway]`` or the environment)."""
+
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(2)
+
+
+def _help(model: type[BaseModel], name: str, flag: str, env: str | None) -> str:
+    """A field's help: its description, environment variable and default, all from its definition."""
+    info = model.model_fields[name]
+    notes = [f"env var: {env}"] if env else []
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        notes.append(f"default: {flag if default else '--no-' + flag[2:]}")
+    elif default is not None and default != []:
+        notes.append(f"default: {default}")
+    return " ".join([info.description or "", f"[{'; '.join(notes)}]" if notes else ""]).strip()
+
+
+def _option(model: type[BaseModel], name: str, env: str | None = None, alias: str | None = None) -> inspect.Parameter:
+    """The typer option of a field: ``--name`` (``--name/--no-name`` for a boolean, repeated for a list),
+    or ``--alias``; its value None means "not given"."""
+    value_type = without_none(model.model_fields[name].annotation)
+    if get_origin(value_type) is Annotated:  # bounds: pydantic checks them
+        value_type = get_args(value_type)[0]
+    flag = flag_name(alias or name)
+    decl = f"{flag}/--no-{flag[2:]}" if value_type is bool else flag
+    items = get_args(value_type) if get_origin(value_type) is list else ()
+    option = typer.Option(decl, help=_help(model, name, flag, env), show_default=False,
+                          metavar=f"<{items[0].__name__}>" if items else None)
+    return inspect.Parameter(alias or name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[value_type | None, option])
+
+
+def _derived(fn: Callable[..., None], command: Callable[..., None], params: list[inspect.Parameter],
+             ) -> Callable[..., None]:
+    """``command``, named and documented as ``fn``, with the signature typer reads its options from."""
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__, command.__qualname__, command.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return command
+
+
+def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str]],
+                     ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Make ``fn(settings, ...)`` a command whose options are the settings' fields (all but the config file's
+    own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings object
+    per class."""
+    classes = [p if isinstance(p, tuple) else (p, [n for n in p.model_fields if n not in p.file_only])
+               for p in parts]
+    owner = {name: i for i, (_, names) in enumerate(classes) for name in names}
+    if len(owner) < sum(len(names) for _, names in classes):
+        raise TypeError("two settings classes give a command the same option")
+    params = [_option(cls, name, cls.env_name(name)) for cls, names in classes for name in names]
+    tables = " and ".join(f"[{cls.table}]" for cls, _ in classes) + (" tables" if len(classes) > 1 else " table")
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option(help=f"TOML config file, its {tables} [env var: {CONFIG_ENV}; default: "
+                                       f"./{DEFAULT_CONFIG_FILE} if present]", show_default=False)]))
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        def command(**options: Any) -> None:
+            config = options.pop("config")
+            flags: list[dict[str, Any]] = [{} for _ in classes]
+            for name, value in options.items():
+                flags[owner[name]][name] = value
+            try:
+                loaded = [cls.load(config, **given) for (cls, _), given in zip(classes, flags, strict=True)]
+            except (ConfigError, ValidationError) as exc:
+                raise _fail(str(exc)) from None
+            fn(*loaded)
+
+        return _derived(fn, command, params)
+
+    return wrap
+
+
+def body_options(model: type[BaseModel], skip: Collection[str] = (), last: Collection[str] = (),
+                 aliases: Mapping[str, str] | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command ``model``'s fields (but ``skip``; ``last`` after the others) as options, named
+    ``--alias`` where one is given, between its arguments and its own options; ``fn`` gets the fields given
+    as ``body``."""
+    aliases = aliases or {}
+    names = sorted((n for n in model.model_fields if n not in skip), key=lambda n: n in last)
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "body"]
+        params = [*(p for p in own if p.default is p.empty), *(_option(model, n, alias=aliases.get(n)) for n in names),
+                  *(p.replace(kind=p.KEYWORD_ONLY) for p in own if p.default is not p.empty)]
+
+        def command(**options: Any) -> None:
+            given = {n: options.pop(aliases.get(n, n)) for n in names}
+            fn(body={n: v for n, v in given.items() if v is not None}, **options)
+
+        return _derived(fn, command, params)
+
+    return wrap
 
 
 @app.command()
@@ -31,43 +140,9 @@ def version() -> None:
 
 
 @app.command()
-def worker(
-    model: Annotated[str | None, typer.Option(help="Local folder, Hugging Face id, or `default` "
-                                                  "(all-MiniLM-L6-v2, bundled).")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hugging Face revision.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name reported to clients.")] = None,
-    pooling: Annotated[str | None, typer.Option(help="Override pooling: mean, cls, last_token, splade.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8081).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    backend: Annotated[str | None, typer.Option(help="auto (onnx on CPU, torch on CUDA), onnx or torch.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (torch).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Backend threads (default: all cores).")] = None,
-    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantization (onnx).")] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(
-        help="Padded tokens per batch (512 for onnx on CPU, else 16384).")] = None,
-    max_batch_requests: Annotated[int | None, typer.Option(help="Inputs per batch (32 on CPU, 256 on CUDA).")] = None,
-    max_client_batch_size: Annotated[int | None, typer.Option(help="Inputs per request (32).")] = None,
-    max_concurrent_requests: Annotated[int | None, typer.Option(help="Requests in flight before 429 (512).")] = None,
-    auto_truncate: Annotated[bool | None, typer.Option("--auto-truncate/--no-auto-truncate",
-                                                       help="Truncate over-long inputs by default.")] = None,
-    tokenization_workers: Annotated[int | None, typer.Option(help="Tokenizer threads.")] = None,
-    payload_limit: Annotated[int | None, typer.Option(help="Largest request body, bytes (2000000).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where exported models are cached.")] = None,
-    exit_on_load_failure: Annotated[bool | None, typer.Option(
-        "--exit-on-load-failure/--no-exit-on-load-failure",
-        help="Exit (code 3) if the model fails to load, instead of answering 503.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML config file (its [worker] table).")] = None,
-) -> None:
+@settings_command(WorkerSettings)
+def worker(settings: WorkerSettings) -> None:
     """Serve one model: text-embeddings-inference's API plus OpenAI's /v1/embeddings."""
-    flags = {k: v for k, v in locals().items() if k != "config"}
-    try:
-        settings = WorkerSettings.load(config, table="worker", **flags)
-    except (ConfigError, ValidationError) as exc:
-        raise _fail(str(exc)) from None
-
     from embedfleet.logging_setup import setup_logging
     from embedfleet.worker.server import run_worker
 
@@ -80,39 +155,9 @@ def worker(
 
 
 @app.command()
-def gateway(
-    upstream: Annotated[list[str] | None, typer.Option(help="Worker or TEI URL; repeat for replicas.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8080).")] = None,
-    cache: Annotated[str | None, typer.Option(help="lmdb://PATH (default, under ~/.local/share/embedfleet), "
-                                                  "redis://HOST:PORT/DB, qdrant://HOST:PORT, "
-                                                  "qdrant+local://PATH, memory:// or none.")] = None,
-    memory_cache_bytes: Annotated[int | None, typer.Option(help="In-process LRU bound (256 MiB).")] = None,
-    cache_ttl: Annotated[float | None, typer.Option(help="Entry lifetime in seconds (default: forever).")] = None,
-    max_client_batch_size: Annotated[int | None, typer.Option(help="Inputs per request (2048).")] = None,
-    payload_limit: Annotated[int | None, typer.Option(help="Largest request body, bytes.")] = None,
-    upstream_timeout: Annotated[float | None, typer.Option(help="Seconds per upstream call (60).")] = None,
-    health_interval: Annotated[float | None, typer.Option(help="Seconds between health checks (1).")] = None,
-    store_timeout: Annotated[float | None, typer.Option(help="Cache reads slower than this miss (0.25).")] = None,
-    api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeat); none: no auth.")] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
-    admin_key: Annotated[str | None, typer.Option(help="Key for admin routes; unset: they are off.")] = None,
-    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browsers from this origin (repeat); "
-                                                                "default: no CORS.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
-    tls_client_ca: Annotated[Path | None, typer.Option(help="CA bundle: require client certificates (mTLS).")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="text or json.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML config file (its [gateway] table).")] = None,
-) -> None:
+@settings_command(GatewaySettings)
+def gateway(settings: GatewaySettings) -> None:
     """The caching, load-balancing entry point in front of workers (or TEI servers)."""
-    flags = {k: v for k, v in locals().items() if k != "config"}
-    try:
-        settings = GatewaySettings.load(config, table="gateway", **flags)
-    except (ConfigError, ValidationError) as exc:
-        raise _fail(str(exc)) from None
-
     from embedfleet.gateway.server import build_gateway, serve
     from embedfleet.logging_setup import setup_logging
 
@@ -125,34 +170,9 @@ def gateway(
 
 
 @app.command()
-def serve(
-    model: Annotated[str | None, typer.Option(help="Model to serve when the config declares no instances "
-                                                  "(default: `default`, all-MiniLM-L6-v2).")] = None,
-    replicas: Annotated[int | None, typer.Option(help="Workers of --model (default: one per GPU, "
-                                                      "else one per CPU core).")] = None,
-    devices: Annotated[str | None, typer.Option(help="Devices of --model's workers: `cpu` or GPU indices "
-                                                     "such as 0,1 (default: every visible GPU, else cpu).")] = None,
-    host: Annotated[str | None, typer.Option(help="Address of the gateway (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port of the gateway (default 8080).")] = None,
-    cache: Annotated[str | None, typer.Option(help="Cache store URL (default: LMDB under "
-                                                  "~/.local/share/embedfleet).")] = None,
-    api_key: Annotated[list[str] | None, typer.Option(help="Accepted API key (repeat); none: no auth.")] = None,
-    admin_key: Annotated[str | None, typer.Option(help="Key for /admin and DELETE /cache.")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Desired state and instance logs "
-                                                        "(default ~/.local/share/embedfleet/fleet).")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML config file ([fleet], [gateway] tables; "
-                                                     "default ./embedfleet.toml if present).")] = None,
-) -> None:
+@settings_command(FleetSettings, (GatewaySettings, SERVE_GATEWAY_OPTIONS))
+def serve(fleet_settings: FleetSettings, gateway_settings: GatewaySettings) -> None:
     """Serve everything: the gateway on :8080 and supervised workers on every GPU (or CPU core)."""
-    try:
-        fleet_settings = FleetSettings.load(config, table="fleet", model=model, replicas=replicas, devices=devices,
-                                            state_dir=state_dir, log_level=log_level)
-        gateway_settings = GatewaySettings.load(config, table="gateway", host=host, port=port, cache=cache,
-                                                api_key=api_key, admin_key=admin_key, log_level=log_level)
-    except (ConfigError, ValidationError) as exc:
-        raise _fail(str(exc)) from None
-
     from embedfleet.fleet.serve import run_serve
     from embedfleet.fleet.state import StateLockedError
     from embedfleet.logging_setup import setup_logging
@@ -165,8 +185,10 @@ def serve(
     raise typer.Exit(code)
 
 
-instances_app = typer.Typer(help="Manage the instances of a running `embedfleet serve`.", no_args_is_help=True)
-models_app = typer.Typer(help="Manage the models a running `embedfleet serve` knows.", no_args_is_help=True)
+instances_app = typer.Typer(help="Manage the instances of a running `embedfleet serve`.", no_args_is_help=True,
+                            rich_markup_mode=None)
+models_app = typer.Typer(help="Manage the models a running `embedfleet serve` knows.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(instances_app, name="instances")
 app.add_typer(models_app, name="models")
 
@@ -174,6 +196,7 @@ UrlOption = Annotated[str, typer.Option("--url", envvar="EMBEDFLEET_URL", help="
 KeyOption = Annotated[str | None, typer.Option("--admin-key", envvar="EMBEDFLEET_ADMIN_KEY",
                                                help="Admin key, when the service has keys.")]
 DEFAULT_URL = "http://127.0.0.1:8080"
+_NAME_HELP = InstanceRequest.model_fields["name"].description
 
 
 def _admin(url: str, key: str | None, method: str, route: str, timeout: float | None = None,
@@ -208,27 +231,17 @@ def instances_ls(url: UrlOption = DEFAULT_URL, admin_key: KeyOption = None) -> N
 
 
 @instances_app.command("add")
+@body_options(InstanceRequest, skip={"name"}, last=WORKER_OPTIONS, aliases={"url": "external_url"})
 def instances_add(
-    name: Annotated[str, typer.Argument(help="Instance name (NAME-0, NAME-1... with --replicas).")],
-    model: Annotated[str | None, typer.Option(help="Local folder, Hugging Face id or `default`.")] = None,
-    url_of: Annotated[str | None, typer.Option("--external-url", help="Register an external TEI-compatible "
-                                                                       "server instead of a model.")] = None,
-    served_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the model).")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hugging Face revision.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or N.")] = None,
-    replicas: Annotated[int, typer.Option(help="Workers to start.")] = 1,
-    port: Annotated[int | None, typer.Option(help="Fixed port (replicas take the next ones).")] = None,
-    backend: Annotated[str | None, typer.Option(help="auto, onnx or torch.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Threads per worker.")] = None,
+    name: Annotated[str, typer.Argument(help=_NAME_HELP, show_default=False)],
+    body: dict[str, Any],
     wait: Annotated[bool, typer.Option(help="Wait until they are running (or failed).")] = True,
     url: UrlOption = DEFAULT_URL,
     admin_key: KeyOption = None,
 ) -> None:
-    """Add and start instances."""
-    body = {k: v for k, v in {"name": name, "model": model, "url": url_of, "served_name": served_name,
-                              "revision": revision, "device": device, "replicas": replicas, "port": port,
-                              "backend": backend, "threads": threads}.items() if v is not None}
-    result = _admin(url, admin_key, "POST", f"/instances?wait={str(wait).lower()}", timeout=900, json=body)
+    """Add and start instances (the options are those of POST /admin/instances)."""
+    result = _admin(url, admin_key, "POST", f"/instances?wait={str(wait).lower()}", timeout=900,
+                    json={"name": name, **body})
     _show_instances(result["instances"])
 
 

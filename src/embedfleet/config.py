@@ -1,29 +1,73 @@
-"""Settings, in one place.
+"""Settings: each command's settings are defined once, here.
 
-Precedence: command-line flags > environment (``EMBEDFLEET_*``) > config file > defaults. The
-config file is TOML (``--config`` or ``EMBEDFLEET_CONFIG``, else ``./embedfleet.toml`` if present),
-with one table per command: ``[worker]``, and later ``[gateway]`` and ``[fleet]``.
+One class per command (:class:`WorkerSettings`, :class:`GatewaySettings`, :class:`FleetSettings`),
+in the manner of text-embeddings-inference's ``Args``: each field holds the setting's type, default,
+validation and description, and everything else derives from it: the command's flags
+(``--field-name``, see ``embedfleet.cli``), its environment variable (``EMBEDFLEET_<COMMAND>_FIELD_NAME``)
+and its key in the config file. Precedence: flags > environment > config file > defaults. The config
+file is TOML (``--config`` or ``EMBEDFLEET_CONFIG``, else ``./embedfleet.toml`` if present), with one
+table per command: ``[worker]``, ``[gateway]``, ``[fleet]`` (``embedfleet serve`` reads ``[fleet]`` and
+``[gateway]``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import types
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_CONFIG_FILE = "embedfleet.toml"
+ENV_PREFIX = "EMBEDFLEET_"
+"""Every embedfleet environment variable starts with this."""
+CONFIG_ENV = "EMBEDFLEET_CONFIG"
+"""The config file, when ``--config`` is not given."""
+
+Pooling = Literal["mean", "cls", "last_token", "splade"]
+Backend = Literal["auto", "onnx", "torch"]
+DType = Literal["float32", "float16", "bfloat16"]
+Quantize = Literal["int8"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 
 
 class ConfigError(Exception):
     """The configuration file or a setting is invalid."""
 
 
+_DEVICE = re.compile(r"(?:cuda:)?([0-9]+)")
+
+
+def normalize_device(value: str, *, auto: bool = False, index: bool = False) -> str:
+    """The canonical form of a device string: ``cpu``, ``cuda`` or ``cuda:N`` (case and spaces ignored).
+
+    ``auto`` also accepts ``auto``; ``index`` also accepts a bare GPU index ``N`` (as ``cuda:N``).
+    ValueError for anything else. Whether the device exists is for the caller to check.
+    """
+    text = value.strip().lower()
+    if text in ("cpu", "cuda") or (auto and text == "auto"):
+        return text
+    match = _DEVICE.fullmatch(text)
+    if match and (index or text.startswith("cuda:")):
+        return f"cuda:{int(match[1])}"
+    accepted = ["auto"] * auto + ["cpu", "cuda", "cuda:N"] + ["a GPU index"] * index
+    raise ValueError(f"device {value!r} is not {', '.join(accepted[:-1])} or {accepted[-1]}")
+
+
 def default_data_dir() -> Path:
-    """Where derived files (exported ONNX graphs, later the cache) live by default."""
+    """Where derived files (exported ONNX graphs) live by default."""
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "embedfleet"
 
@@ -35,11 +79,17 @@ def default_cache_url() -> str:
     return f"lmdb://{base / 'embedfleet' / 'cache'}"
 
 
+def default_state_dir() -> Path:
+    """Where the fleet keeps its desired state and instance logs."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "embedfleet" / "fleet"
+
+
 def load_config_table(path: str | Path | None, table: str) -> dict[str, Any]:
-    """One table of the TOML config file; {} when there is no file."""
-    explicit = path or os.environ.get("EMBEDFLEET_CONFIG")
+    """One table of the TOML config file; {} when there is no file (``os.devnull`` is an empty one)."""
+    explicit = path or os.environ.get(CONFIG_ENV)
     file = Path(explicit) if explicit else Path(DEFAULT_CONFIG_FILE)
-    if not file.is_file():
+    if not file.exists():
         if explicit:
             raise ConfigError(f"config file {file} does not exist")
         return {}
@@ -53,8 +103,48 @@ def load_config_table(path: str | Path | None, table: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
-class _Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_", extra="forbid", validate_default=True)
+def flag_name(field: str) -> str:
+    """The command-line flag of a setting: ``max_batch_tokens`` -> ``--max-batch-tokens``."""
+    return "--" + field.replace("_", "-")
+
+
+def without_none(annotation: Any) -> Any:
+    """``X | None`` -> ``X`` (``X`` itself when it does not admit None)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        rest = tuple(a for a in get_args(annotation) if a is not type(None))
+        if len(rest) < len(get_args(annotation)):
+            return rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007 - a runtime tuple of types
+    return annotation
+
+
+def derived_field(model: type[BaseModel], name: str, **overrides: Any) -> Any:
+    """``model``'s field ``name`` (default, bounds, description) for another class to declare, with
+    ``overrides`` (e.g. ``default=None``). The declaring class writes the annotation."""
+    return FieldInfo.merge_field_infos(model.model_fields[name], **overrides)
+
+
+def optional_fields(model: type[BaseModel], names: Iterable[str]) -> dict[str, Any]:
+    """``model``'s fields ``names`` as ``pydantic.create_model`` definitions, each optional with default
+    None (None: ``model``'s default), with the same type, bounds and description."""
+    fields: dict[str, Any] = {}
+    for name in names:
+        info = model.model_fields[name]
+        value_type = without_none(info.annotation)
+        if info.metadata:
+            value_type = Annotated[(value_type, *info.metadata)]
+        fields[name] = (value_type | None, Field(None, description=info.description))
+    return fields
+
+
+class Settings(BaseSettings):
+    """One command's settings: flags (init values) > environment (``env_prefix``) > config table ``table``
+    > defaults."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+    table: ClassVar[str]
+    """The command's table in the config file."""
+    file_only: ClassVar[frozenset[str]] = frozenset()
+    """Settings that are no flag (tables): the config file or the environment give them."""
     file_values: ClassVar[dict[str, Any]] = {}
 
     @classmethod
@@ -70,31 +160,61 @@ class _Settings(BaseSettings):
         return init_settings, env_settings, file_source
 
     @classmethod
-    def load(cls, config_file: str | Path | None = None, table: str = "", **flags: Any) -> Any:
-        """Build settings from flags (None means "not given"), the environment and the config file."""
-        values = load_config_table(config_file, table) if table else {}
-        known = set(cls.model_fields)
-        unknown = sorted(set(values) - known)
+    def env_name(cls, field: str) -> str:
+        """The environment variable of a setting."""
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, table: str | None = None, **flags: Any) -> Self:
+        """Build settings from flags (None means "not given"), the environment and the config file's
+        table (default: the command's own)."""
+        table = table or cls.table
+        values = load_config_table(config_file, table)
+        unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
             raise ConfigError(f"unknown setting(s) in [{table}]: {', '.join(unknown)}")
         sub = type(cls.__name__, (cls,), {"file_values": values})
-        return sub(**{k: v for k, v in flags.items() if v is not None})
+        settings: Self = sub(**{k: v for k, v in flags.items() if v is not None})
+        return settings
 
 
-class WorkerSettings(_Settings):
+def settings_flags(values: Mapping[str, Any]) -> list[str]:
+    """Flags for setting values: ``--name value``, ``--name``/``--no-name`` for booleans, lists repeated;
+    None is left out (the command's default)."""
+    flags: list[str] = []
+    for name, value in values.items():
+        flag = flag_name(name)
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list | tuple):
+            for item in value:
+                flags += [flag, str(item)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+class WorkerSettings(Settings):
     """Settings of one inference replica (``embedfleet worker``)."""
 
-    model: str = Field("default", description="local folder, Hugging Face id, or `default`")
-    revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
-    served_model_name: str | None = Field(None, description="name reported in /info and /v1/embeddings")
-    pooling: Literal["mean", "cls", "last_token", "splade"] | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8081, ge=0, le=65535)
-    device: str = "auto"
-    backend: Literal["auto", "onnx", "torch"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    threads: int | None = Field(None, ge=1, description="intra-op threads of the backend (default: all cores)")
-    quantize: Literal["int8"] | None = None
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_WORKER_")
+    table: ClassVar[str] = "worker"
+
+    model: str = Field("default", description="local folder, Hugging Face id, or `default` (all-MiniLM-L6-v2, "
+                                              "bundled)")
+    revision: str | None = Field(None, max_length=200, description="Hugging Face revision (branch, tag or commit)")
+    served_model_name: str | None = Field(None, description="name reported in /info and /v1/embeddings "
+                                                            "(default: the model id)")
+    pooling: Pooling | None = Field(None, description="pooling instead of the model's own")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8081, ge=0, le=65535, description="port to listen on")
+    device: str = Field("auto", description="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
+    backend: Backend = Field("auto", description="inference runtime; auto: onnx on CPU, torch on CUDA")
+    dtype: DType | None = Field(None, description="compute type of the torch backend (default: float16 on CUDA, "
+                                                  "float32 on CPU)")
+    threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of the backend "
+                                                                 "(default: all cores)")
+    quantize: Quantize | None = Field(None, description="dynamic quantization of the onnx backend")
     max_batch_tokens: int | None = Field(
         None, ge=1, description="padded tokens per batch (default: 512 for onnx on CPU, where bigger batches run "
                                 "slower; 16384 otherwise; never below the model's max input length)"
@@ -102,58 +222,64 @@ class WorkerSettings(_Settings):
     max_batch_requests: int | None = Field(
         None, ge=1, description="inputs per batch (default: 32 on CPU, where bigger batches run slower; 256 on CUDA)"
     )
-    max_client_batch_size: int = Field(32, ge=1)
-    max_concurrent_requests: int = Field(512, ge=1)
-    auto_truncate: bool = False
-    tokenization_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    max_client_batch_size: int = Field(32, ge=1, description="inputs a request may carry")
+    max_concurrent_requests: int = Field(512, ge=1, description="requests in flight; more get 429 at once")
+    auto_truncate: bool = Field(True, description="truncate inputs longer than the model's maximum (a request's "
+                                                  "`truncate` still wins); off: refuse them with 422")
+    tokenization_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
+                                      description="tokenizer threads (default: the cores, at most 4)")
     payload_limit: int = Field(2_000_000, ge=1, description="largest request body in bytes")
-    data_dir: Path = Field(default_factory=default_data_dir)
+    data_dir: Path = Field(default_factory=default_data_dir, description="where exported ONNX graphs are cached")
     exit_on_load_failure: bool = Field(False, description="exit (code 3) when the model fails to load, instead of "
                                                           "serving 503; what a supervisor wants")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: LogLevel = Field("info", description="log level")
+    log_format: LogFormat = Field("text", description="text, or one JSON object a line")
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return normalize_device(value, auto=True)
 
     @model_validator(mode="after")
-    def _consistent(self) -> WorkerSettings:
+    def _consistent(self) -> Self:
         if self.quantize and self.backend == "torch":
             raise ValueError("--quantize int8 needs the onnx backend")
         return self
 
 
-class GatewaySettings(_Settings):
+class GatewaySettings(Settings):
     """Settings of the gateway (``embedfleet gateway``)."""
 
-    upstream: list[str] = Field(default_factory=list, description="worker or TEI URL, repeated (NAME=URL allowed)")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    cache: str = Field(default_factory=default_cache_url,
-                       description="lmdb://PATH, redis://HOST:PORT/DB, qdrant://HOST:PORT, memory://, none")
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_GATEWAY_")
+    table: ClassVar[str] = "gateway"
+
+    upstream: list[str] = Field(default_factory=list, description="worker or TEI URL, repeated (NAME=URL forms "
+                                                                  "one pool per model)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    cache: str = Field(default_factory=default_cache_url, description="cache store: lmdb://PATH, "
+                       "redis://HOST:PORT/DB, qdrant://HOST:PORT, qdrant+local://PATH, memory:// or none")
     memory_cache_bytes: int = Field(256 * 1024 * 1024, ge=1, description="bound of the in-process LRU tier")
     cache_ttl: float | None = Field(None, gt=0, description="seconds an entry lives (default: forever)")
     max_client_batch_size: int = Field(2048, ge=1, description="inputs per request; split across upstreams")
     payload_limit: int = Field(32_000_000, ge=1, description="largest request body in bytes")
-    upstream_timeout: float = Field(60.0, gt=0)
+    upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take")
     health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
     store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
-    api_key: list[str] = Field(default_factory=list, description="keys accepted as Authorization: Bearer KEY")
+    api_key: list[str] = Field(default_factory=list, description="key accepted as Authorization: Bearer KEY, "
+                                                                 "repeated (none: no authentication)")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
-    admin_key: str | None = Field(None, description="key for admin routes (DELETE /cache); unset: they are off")
-    cors_origin: list[str] = Field(default_factory=list, description="origins browsers may call from (default: none)")
+    admin_key: str | None = Field(None, description="key for admin routes; unset: they are off")
+    cors_origin: list[str] = Field(default_factory=list, description="origin browsers may call from, repeated "
+                                                                     "(default: none)")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed (mTLS)")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: LogLevel = Field("info", description="log level")
+    log_format: LogFormat = Field("text", description="text, or one JSON object a line")
 
     @model_validator(mode="after")
-    def _tls(self) -> GatewaySettings:
+    def _tls(self) -> Self:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -164,14 +290,7 @@ class GatewaySettings(_Settings):
         return self
 
 
-
-def default_state_dir() -> Path:
-    """Where the fleet keeps its desired state and instance logs."""
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "embedfleet" / "fleet"
-
-
-class FleetSettings(_Settings):
+class FleetSettings(Settings):
     """Settings of ``embedfleet serve`` (its ``[fleet]`` table; the gateway's come from ``[gateway]``).
 
     ``instances`` (``[[fleet.instances]]`` tables, each like a ``POST /admin/instances`` body, plus
@@ -180,31 +299,40 @@ class FleetSettings(_Settings):
     worker per CPU core).
     """
 
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_FLEET_")
+    table: ClassVar[str] = "fleet"
+    file_only: ClassVar[frozenset[str]] = frozenset({"instances"})
+
     model: str = Field("default", description="model served when no [[fleet.instances]] are declared")
-    replicas: int | None = Field(None, ge=1, le=64, description="workers of --model (default: one per GPU or core)")
-    devices: list[str] | None = Field(None, description="devices of --model's workers: cpu, or GPU indices")
-    threads: int | None = Field(None, ge=1, description="threads per CPU worker (default 1 when one per core)")
-    backend: Literal["auto", "onnx", "torch"] | None = None
-    instances: list[dict[str, Any]] = Field(default_factory=list)
+    replicas: int | None = Field(None, ge=1, le=64, description="workers of --model (default: one per GPU, "
+                                                                "else one per CPU core)")
+    devices: list[str] | None = Field(
+        None, description="devices of --model's workers, repeated or comma-separated: cpu, or GPU indices "
+                          "(default: every visible GPU, else cpu)")
+    threads: int | None = derived_field(WorkerSettings, "threads", description="threads of each of --model's "
+                                        "workers (default: 1 with one worker per core)")
+    backend: Backend | None = derived_field(WorkerSettings, "backend", default=None)
+    data_dir: Path = derived_field(WorkerSettings, "data_dir")
+    instances: list[dict[str, Any]] = Field(default_factory=list, description="[[fleet.instances]] tables")
     state_dir: Path = Field(default_factory=default_state_dir, description="desired state and instance logs")
     port_range: str = Field("8081-8180", pattern=r"^\d{1,5}-\d{1,5}$", description="ports of spawned workers")
     health_interval: float = Field(2.0, gt=0, description="seconds between health checks of an instance")
     health_failures: int = Field(3, ge=1, description="failed checks in a row before a restart")
     max_restarts: int = Field(5, ge=0, description="restarts within --restart-window before `failed`")
-    restart_window: float = Field(600.0, gt=0)
+    restart_window: float = Field(600.0, gt=0, description="seconds in which --max-restarts are counted")
     start_timeout: float = Field(600.0, gt=0, description="seconds a worker may take to become healthy")
     stop_timeout: float = Field(15.0, gt=0, description="seconds between SIGTERM and SIGKILL")
-    max_instances: int = Field(64, ge=1)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    max_instances: int = Field(64, ge=1, description="instances the fleet runs at most")
+    log_level: LogLevel = Field("info", description="log level (of the workers too)")
+    log_format: LogFormat = Field("text", description="text, or one JSON object a line")
 
     @field_validator("devices", mode="before")
     @classmethod
     def _devices(cls, value: Any) -> Any:
-        if isinstance(value, str):  # "0,1" from a flag or the environment
-            return [d.strip() for d in value.split(",") if d.strip()]
-        if isinstance(value, list):
-            return [str(d) for d in value]
+        if isinstance(value, str | int):  # "0,1" from the environment
+            value = [value]
+        if isinstance(value, list):  # ["0,1"] from a flag
+            return [d.strip() for item in value for d in str(item).split(",") if d.strip()]
         return value
 
     @property
@@ -214,7 +342,7 @@ class FleetSettings(_Settings):
         return int(low), int(high)
 
     @model_validator(mode="after")
-    def _range(self) -> FleetSettings:
+    def _range(self) -> Self:
         low, high = self.ports
         if not 1 <= low <= high <= 65535:
             raise ValueError(f"port_range {self.port_range!r} must be LOW-HIGH within 1-65535")

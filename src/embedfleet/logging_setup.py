@@ -8,7 +8,14 @@ from typing import Any
 
 import orjson
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Record attributes that are no extra field: the standard ones, and uvicorn's `color_message` (the message
+# again, with ANSI colour codes).
+_NOT_EXTRA = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a caller added to a record (``extra=``)."""
+    return {k: v for k, v in record.__dict__.items() if k not in _NOT_EXTRA}
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,7 +28,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        entry.update(extra_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
@@ -35,7 +42,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        extra = extra_fields(record)
         if extra:
             line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return line

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from embedfleet.api.errors import EmbedfleetError, ErrorType
-from embedfleet.api.schemas import TruncationDirection
-from embedfleet.engine.tokenization import Tokenization
+from embedfleet.engine.errors import EngineError, ErrorKind
+from embedfleet.engine.tokenization import Tokenization, TruncationDirection
 
 CLS, SEP = 101, 102
 
@@ -19,9 +18,9 @@ def tok(default_path: Path) -> Tokenization:
 
 
 def test_too_long_without_truncate_is_validation_error(tok: Tokenization) -> None:
-    with pytest.raises(EmbedfleetError) as err:
+    with pytest.raises(EngineError) as err:
         tok.encode(["word " * 40], truncate=False)
-    assert err.value.error_type is ErrorType.VALIDATION and err.value.status == 422
+    assert err.value.kind is ErrorKind.VALIDATION
     assert "must have less than 16 tokens" in err.value.message
 
 
@@ -38,7 +37,7 @@ def test_truncation_keeps_special_tokens_and_direction(tok: Tokenization) -> Non
 
 def test_prompts_and_unknown_prompt(tok: Tokenization) -> None:
     assert tok.apply_prompt(["x"], "query") == ["query: x"]
-    with pytest.raises(EmbedfleetError, match="Available prompts: \\[query\\]"):
+    with pytest.raises(EngineError, match="Available prompts: \\[query\\]"):
         tok.apply_prompt(["x"], "nope")
 
 
@@ -46,7 +45,7 @@ def test_token_id_inputs(tok: Tokenization) -> None:
     enc = tok.encode([[CLS, 7592, SEP]], truncate=False)[0]
     assert enc.ids.tolist() == [CLS, 7592, SEP]
     assert tok.encode([list(range(1, 30))], truncate=True, direction=TruncationDirection.LEFT)[0].ids[0] == 14
-    with pytest.raises(EmbedfleetError, match="out of range"):
+    with pytest.raises(EngineError, match="out of range"):
         tok.encode([[10**6]], truncate=False)
 
 

@@ -63,7 +63,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
     tmp = tmp_path_factory.mktemp("fleet")
     config = _config(tmp, tiny_models["reranker"], 21000 + free_port() % 20000)
     proc = ServeProcess(["--config", str(config)], data_dir, tmp / "log",
-                        env={"EMBEDFLEET_DATA_DIR": str(data_dir)})
+                        env={"EMBEDFLEET_FLEET_DATA_DIR": str(data_dir)})
     with proc:
         yield proc
 

@@ -104,3 +104,38 @@ def test_admin_routes_are_forbidden_with_api_keys_but_no_admin_key(tmp_path: Pat
         assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN"
     finally:
         proc.stop()
+
+
+def test_every_admin_error_has_the_admin_shape(tmp_path: Path, data_dir: Path) -> None:
+    proc = _serve(tmp_path, data_dir, gateway='admin_key = "admin-key"\npayload_limit = 2000')
+    proc.start(wait=False)
+    try:
+        assert _first_answer(proc, key="admin-key").status_code == 200
+        cases = [
+            (proc.admin("GET", "/nothing-here", key="admin-key"), 404, "NOT_FOUND"),  # FastAPI's own 404
+            (proc.admin("PUT", "/instances", key="admin-key"), 405, "METHOD_NOT_ALLOWED"),
+            (proc.admin("GET", "/instances/remote/logs?tail=5000", key="admin-key"), 422, "VALIDATION_ERROR"),
+            (proc.admin("POST", "/instances?timeout=0", key="admin-key", json={"name": "x", "model": "m"}), 422,
+             "VALIDATION_ERROR"),
+            (proc.admin("POST", "/instances", key="admin-key", json={"name": "x" * 5000}), 413, "PAYLOAD_TOO_LARGE"),
+            (proc.admin("GET", "/instances/nobody", key="admin-key"), 404, "INSTANCE_NOT_FOUND"),
+            (proc.admin("GET", "/instances"), 401, "UNAUTHORIZED"),
+        ]
+        for r, status, code in cases:
+            assert r.status_code == status, (code, r.text)
+            assert set(r.json()) == {"error", "code", "timestamp"} and r.json()["code"] == code, r.text
+        # Embedding routes need no key here (no API keys), and keep TEI's shape.
+        r = proc.post("/nothing-here", {})
+        assert r.status_code == 404 and r.json()["error_type"] == "NotFound"
+    finally:
+        proc.stop()
+
+
+def test_admin_is_open_without_any_key(tmp_path: Path, data_dir: Path) -> None:
+    proc = _serve(tmp_path, data_dir)
+    proc.start(wait=False)
+    try:
+        assert _first_answer(proc).status_code == 200
+        assert httpx.delete(f"{proc.url}/cache", timeout=30).status_code == 200  # the gateway's admin route too
+    finally:
+        proc.stop()

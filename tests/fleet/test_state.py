@@ -151,18 +151,20 @@ def test_lock_held_by_another_process(tmp_path: Path) -> None:
         with pytest.raises(StateLockedError, match=str(path)) as info:
             state.acquire_lock()
         assert f"pid {holder.pid}" in str(info.value)
-        assert not state.locked
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(timeout=30)
     # The holder is gone: the lock is free again.
     state.acquire_lock()
-    assert state.locked
     state.acquire_lock()  # idempotent
+    other = StateFile(path)
+    with pytest.raises(StateLockedError):
+        other.acquire_lock()
     state.release_lock()
-    assert not state.locked
-    state.release_lock()
+    state.release_lock()  # idempotent
+    other.acquire_lock()
+    other.release_lock()
 
 
 def test_lock_excludes_second_holder_in_same_process(tmp_path: Path) -> None:

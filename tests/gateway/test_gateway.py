@@ -67,7 +67,7 @@ def test_changed_parameters_never_hit(gateway: GatewayProcess) -> None:
     text = "parameters change the vector"
     base = gateway.post("/embed", {"inputs": text})
     assert base.headers["x-cache"] == "miss"
-    for extra in ({"normalize": False}, {"dimensions": 64}, {"truncate": True}, {"truncation_direction": "left"}):
+    for extra in ({"normalize": False}, {"dimensions": 64}, {"truncate": False}, {"truncation_direction": "left"}):
         r = gateway.post("/embed", {"inputs": text, **extra})
         assert r.status_code == 200 and r.headers["x-cache"] == "miss", extra
     raw = gateway.post("/embed", {"inputs": text, "normalize": False})
@@ -130,7 +130,7 @@ def test_token_estimate_follows_the_workers_counts(gateway: GatewayProcess) -> N
     for r in range(8):
         texts = [hanzi * 2 + f" {r} {i}" for i in range(32)]
         assert gateway.post("/embed", {"inputs": texts}).status_code == 200
-    ratio = gateway.metric("ef_chars_per_token")
+    ratio = gateway.metric("embedfleet_chars_per_token")
     assert 0.9 < ratio < 1.5
 
 
@@ -146,13 +146,26 @@ def test_cache_control(gateway: GatewayProcess, workers: list[WorkerProcess]) ->
 
 
 def test_upstream_errors_pass_through(gateway: GatewayProcess) -> None:
-    too_long = gateway.post("/embed", {"inputs": " ".join(f"w{i}" for i in range(400))})
+    too_long = gateway.post("/embed", {"inputs": " ".join(f"w{i}" for i in range(400)), "truncate": False})
     assert too_long.status_code == 422 and too_long.json()["error_type"] == "Validation"
     wrong_task = gateway.post("/rerank", {"query": "a", "texts": ["b"]})
     assert wrong_task.status_code == 424 and wrong_task.json()["error_type"] == "Backend"
     assert gateway.post("/embed", {"inputs": []}).status_code == 400
     tokens = gateway.post("/tokenize", {"inputs": "hello"})
     assert tokens.status_code == 200 and tokens.json()[0][1]["text"] == "hello"
+
+
+def test_errors_name_the_clients_input(gateway: GatewayProcess) -> None:
+    # The gateway orders misses by length and cuts them into calls: the worker sees the long text first,
+    # in its own batch, but the client must hear of its own position.
+    long = " ".join(f"w{i}" for i in range(400))
+    texts = ["short one", "another short text", long, "and a third"]
+    r = gateway.post("/embed", {"inputs": texts, "truncate": False})
+    assert r.status_code == 422 and r.json()["error"].endswith("(input 2)"), r.json()
+    assert r.headers["x-error-input"] == "2"
+    openai = gateway.post("/v1/embeddings", {"input": ["", "x"]})
+    assert openai.status_code == 400 and "`input`" in openai.json()["message"]
+    assert openai.json()["message"].endswith("(input 0)")
 
 
 def test_openai_route_uses_the_cache(gateway: GatewayProcess) -> None:
@@ -191,10 +204,10 @@ def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, worker
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "hit"
     stats = gateway.get("/cache/stats").json()
     assert stats["store"]["entries"] >= 1
-    assert gateway.metric("ef_cache_store_seconds_count", op="read") >= 1
+    assert gateway.metric("embedfleet_cache_store_seconds_count", op="read") >= 1
     gateway.post("/embed", {"inputs": "written after the restart"})
     deadline = time.monotonic() + 10
-    while gateway.metric("ef_cache_store_seconds_count", op="write") < 1:  # written behind
+    while gateway.metric("embedfleet_cache_store_seconds_count", op="write") < 1:  # written behind
         assert time.monotonic() < deadline
     assert gateway.request_delete() == 401  # admin routes need the admin key
     assert httpx.delete(f"{gateway.url}/cache", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
@@ -218,7 +231,7 @@ def test_kill_a_worker_mid_load_loses_no_request(start_worker: object, tmp_path:
 
         codes = asyncio.run(load())
         assert codes == [200] * 60
-        assert g.metric("ef_upstream_healthy", upstream=pair[0].url) == 0
+        assert g.metric("embedfleet_upstream_healthy", upstream=pair[0].url) == 0
         assert g.get("/health").status_code == 200
         pair[1].kill()
         deadline = time.monotonic() + 10
@@ -321,10 +334,11 @@ def test_fast_path_body_limit_and_media_types(workers: list[WorkerProcess], tmp_
     g = _gateway(workers, "memory://", tmp_path, "--payload-limit", "1000")
     try:
         big = g.post("/embed", {"inputs": "x" * 2000})
-        assert big.status_code == 413 and big.json()["error_type"] == "Validation"
+        assert big.status_code == 413 and big.json()["error_type"] == "PayloadTooLarge"
         streamed = httpx.post(f"{g.url}/v1/embeddings", content=iter([b'{"input": "', b"x" * 2000, b'"}']),
                               headers={"content-type": "application/json"}, timeout=30)
         assert streamed.status_code == 413 and streamed.json()["code"] == 413
+        assert streamed.json()["error_type"] == "PayloadTooLarge"
         for media_type in (None, "text/plain"):
             r = httpx.post(f"{g.url}/embed", content=b'{"inputs": "a"}', timeout=30,
                            headers={"content-type": media_type} if media_type else {})
@@ -332,7 +346,7 @@ def test_fast_path_body_limit_and_media_types(workers: list[WorkerProcess], tmp_
         ok = httpx.post(f"{g.url}/embed", content=b'{"inputs": "a"}', timeout=30,
                         headers={"content-type": "Application/JSON; charset=utf-8"})
         assert ok.status_code == 200 and ok.headers["x-cache"] == "miss"
-        assert g.metric("ef_request_duration_seconds_count", route="/embed", status="413") == 1
-        assert g.metric("ef_request_duration_seconds_count", route="/embed", status="200") == 1
+        assert g.metric("embedfleet_request_duration_seconds_count", route="/embed", status="413") == 1
+        assert g.metric("embedfleet_request_duration_seconds_count", route="/embed", status="200") == 1
     finally:
         g.stop()

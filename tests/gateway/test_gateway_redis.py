@@ -48,7 +48,7 @@ def test_two_gateways_share_redis_and_survive_its_death(start_worker: object, tm
                     return [*first, *rest]
 
             assert asyncio.run(load()) == [200] * 40  # Redis down: misses, never failures
-            assert a.metric("ef_cache_store_errors_total") >= 1
+            assert a.metric("embedfleet_cache_store_errors_total") >= 1
             redis.start()
             _wait_for_hit(a, "back after the outage")  # miss, written, then a hit from Redis again
         finally:

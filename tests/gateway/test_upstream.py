@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from embedfleet.api.errors import EmbedfleetError
+from embedfleet.engine.errors import EngineError, ErrorKind
 from embedfleet.gateway.upstream import Pool
 
 ANSWER = b"[[1.0,2.0]]"
@@ -67,9 +67,9 @@ def test_a_connection_dropped_before_the_answer_is_sent_again_not_ejected() -> N
             await server.stop()
             await pool.upstreams[0].session.close()
             pool.upstreams[0]._session = None
-            with pytest.raises(EmbedfleetError) as caught:
+            with pytest.raises(EngineError) as caught:
                 await pool.post("/embed", {"inputs": ["c"]})
-            assert caught.value.status == 503 and pool.ejections == 1 and not pool.upstreams[0].healthy
+            assert caught.value.kind is ErrorKind.UNHEALTHY and pool.ejections == 1 and not pool.upstreams[0].healthy
         finally:
             await pool.close()
 

@@ -86,8 +86,9 @@ def test_dimensions_cut_then_renormalise(worker: WorkerProcess) -> None:
 
 def test_truncation_left_right(worker: WorkerProcess) -> None:
     long_text = " ".join(f"token{i}" for i in range(400))
-    r = worker.post("/embed", {"inputs": long_text})
+    r = worker.post("/embed", {"inputs": ["short", long_text], "truncate": False})
     assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    assert r.json()["error"].endswith("(input 1)") and r.headers["x-error-input"] == "1"
     right = worker.post("/embed", {"inputs": long_text, "truncate": True})
     left = worker.post("/embed", {"inputs": long_text, "truncate": True, "truncation_direction": "Left"})
     assert right.status_code == left.status_code == 200
@@ -195,11 +196,16 @@ def test_health_answers_while_a_long_batch_runs(worker: WorkerProcess) -> None:
     assert 0 < health_t < embed_t
 
 
-def test_auto_truncate_flag(start_worker: object) -> None:
-    w: WorkerProcess = start_worker("--auto-truncate")  # type: ignore[operator]
+def test_auto_truncate_is_the_default_and_can_be_turned_off(worker: WorkerProcess, start_worker: object) -> None:
     long_text = " ".join(f"token{i}" for i in range(400))
-    r = w.post("/embed", {"inputs": long_text})
+    r = worker.post("/embed", {"inputs": long_text})  # as current TEI: over-long inputs are cut by default
     assert r.status_code == 200 and int(r.headers["x-compute-tokens"]) == 256
-    assert w.get("/info").json()["auto_truncate"] is True
-    refused = w.post("/embed", {"inputs": long_text, "truncate": False})  # the request's own choice wins
+    assert worker.get("/info").json()["auto_truncate"] is True
+    refused = worker.post("/embed", {"inputs": long_text, "truncate": False})  # the request's own choice wins
     assert refused.status_code == 422 and refused.json()["error_type"] == "Validation"
+    strict: WorkerProcess = start_worker("--no-auto-truncate")  # type: ignore[operator]
+    assert strict.get("/info").json()["auto_truncate"] is False
+    openai = strict.post("/v1/embeddings", {"input": ["fine", long_text]})
+    assert openai.status_code == 422 and openai.json()["error_type"] == "Validation"
+    assert "`input`" in openai.json()["message"] and "`inputs`" not in openai.json()["message"]
+    assert strict.post("/embed", {"inputs": long_text, "truncate": True}).status_code == 200

@@ -23,7 +23,7 @@ CASES: list[tuple[str, str, Any, int, str]] = [
     ("normalize not bool", "/embed", {"inputs": "a", "normalize": "yes"}, 422, "Validation"),
     ("negative token id", "/embed", {"inputs": [-1, 5]}, 422, "Validation"),
     ("token id out of vocab", "/embed", {"inputs": [101, 999999, 102]}, 422, "Validation"),
-    ("too long", "/embed", {"inputs": LONG}, 422, "Validation"),
+    ("too long", "/embed", {"inputs": LONG, "truncate": False}, 422, "Validation"),
     ("bad truncation direction", "/embed", {"inputs": "a", "truncation_direction": "up"}, 422, "Validation"),
     ("dimensions zero", "/embed", {"inputs": "a", "dimensions": 0}, 422, "Validation"),
     ("dimensions too big", "/embed", {"inputs": "a", "dimensions": 385}, 422, "Validation"),
@@ -68,7 +68,7 @@ def test_body_over_limit_is_413(start_worker: object) -> None:
     big = {"inputs": "word " * 400}
     r = w.post("/embed", big)
     assert r.status_code == 413
-    validate_schema(r.json(), "ErrorResponse")
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == "PayloadTooLarge"
 
     def chunks() -> Any:
         yield b'{"inputs": "'
@@ -78,9 +78,10 @@ def test_body_over_limit_is_413(start_worker: object) -> None:
 
     streamed = httpx.post(f"{w.url}/embed", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert streamed.status_code == 413
+    assert streamed.json()["error_type"] == "PayloadTooLarge"
     openai = w.post("/v1/embeddings", {"input": "word " * 400})
     assert openai.status_code == 413
-    validate_schema(openai.json(), "OpenAICompatErrorResponse")
+    assert openai.json()["code"] == 413 and openai.json()["error_type"] == "PayloadTooLarge"
     assert w.post("/embed", {"inputs": "small"}).status_code == 200
 
 
@@ -119,9 +120,21 @@ def test_validation_messages_name_the_field(worker: WorkerProcess) -> None:
     assert "`normalize`" in worker.post("/embed", {"inputs": "a", "normalize": "yes"}).json()["error"]
 
 
-def test_unknown_route_and_method(worker: WorkerProcess) -> None:
-    assert worker.post("/nope", {}).status_code == 404
-    assert worker.get("/embed").status_code == 405
+def test_unknown_route_and_method_have_their_own_types(worker: WorkerProcess) -> None:
+    missing = worker.post("/nope", {})
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
+    wrong = worker.get("/embed")
+    assert wrong.status_code == 405 and wrong.json()["error_type"] == "MethodNotAllowed"
+    openai = worker.get("/v1/embeddings")
+    assert openai.status_code == 405 and openai.json()["code"] == 405
+
+
+def test_errors_name_the_input_at_fault(worker: WorkerProcess) -> None:
+    r = worker.post("/embed", {"inputs": ["a", "b", ""]})
+    assert r.status_code == 400 and r.json()["error_type"] == "Empty"
+    assert r.json()["error"].endswith("(input 2)") and r.headers["x-error-input"] == "2"
+    openai = worker.post("/v1/embeddings", {"input": ["a", ""]})
+    assert openai.status_code == 400 and "`input`" in openai.json()["message"]
 
 
 def test_worker_survives_all_bad_input(worker: WorkerProcess) -> None:

@@ -1,8 +1,8 @@
 """The binary /embed response: how an embedfleet worker hands vectors to the gateway.
 
-JSON costs both sides: the worker formats every float as text and the gateway parses it back
-(together ~25 us per 384-float vector on this project's 2-core test machine, against ~0.2 us for this
-form), the text is three times the bytes, and it says nothing of how many tokens each input took.
+JSON costs both sides: the worker formats every float as text and the gateway parses it back (about
+a hundred times the CPU of this form), the text is three times the bytes, and it says nothing of how
+many tokens each input took.
 A client that sends ``Accept:`` :data:`MEDIA_TYPE` to ``POST /embed`` gets instead (little-endian)::
 
     b"EFE1" | count u32 | dim u32 | count x u32 token counts | count x dim float32

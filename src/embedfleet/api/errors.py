@@ -1,109 +1,184 @@
-"""The one error type of embedfleet, with a stable machine code mapped to an HTTP status.
+"""Every error a client can see, mapped to an HTTP status and rendered in its route's shape, once.
 
-Every failure a client can see is an :class:`EmbedfleetError`. Its ``error_type`` is one of
-text-embeddings-inference's codes, so TEI clients keep working, and it renders in TEI's body
-shape (``{"error", "error_type"}``) or, on the OpenAI routes, OpenAI's
-(``{"message", "code", "error_type"}``).
+Three families of errors reach the edge:
+
+- :class:`~embedfleet.engine.errors.EngineError`: the engine's (and the gateway core's) kinds,
+  text-embeddings-inference's ``Empty``, ``Validation``, ``Tokenizer``, ``Backend``, ``Overloaded``,
+  ``Unhealthy``;
+- :class:`EdgeError`: what only HTTP knows: ``NotFound``, ``MethodNotAllowed``, ``PayloadTooLarge``,
+  ``Unauthorized``, ``Forbidden``;
+- :class:`~embedfleet.fleet.errors.FleetError`: the admin API's codes.
+
+Bodies follow the route: TEI's ``{"error", "error_type"}``; on the OpenAI routes (``/v1/*``,
+``/embeddings``) ``{"message", "code", "error_type"}`` as TEI's OpenAI routes write it; under
+``/admin/`` ``{"error", "code", "timestamp"}`` with the admin API's codes.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 
 import orjson
 
-
-class ErrorType(StrEnum):
-    """Machine-readable error codes, as text-embeddings-inference names them."""
-
-    EMPTY = "Empty"
-    VALIDATION = "Validation"
-    TOKENIZER = "Tokenizer"
-    BACKEND = "Backend"
-    OVERLOADED = "Overloaded"
-    UNHEALTHY = "Unhealthy"
-    UNAUTHORIZED = "Unauthorized"  # embedfleet's own: TEI answers 401 with an empty body
+from embedfleet.engine.errors import EngineError, ErrorKind
+from embedfleet.fleet.errors import FleetError, FleetErrorCode, timestamp
 
 
-_STATUS: dict[ErrorType, int] = {
-    ErrorType.EMPTY: 400,
-    ErrorType.VALIDATION: 422,
-    ErrorType.TOKENIZER: 422,
-    ErrorType.BACKEND: 424,
-    ErrorType.OVERLOADED: 429,
-    ErrorType.UNHEALTHY: 503,
-    ErrorType.UNAUTHORIZED: 401,
-}
+class EdgeKind(StrEnum):
+    """Errors of the HTTP edge itself, before any model is involved."""
+
+    NOT_FOUND = "NotFound"
+    METHOD_NOT_ALLOWED = "MethodNotAllowed"
+    PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+    UNAUTHORIZED = "Unauthorized"
+    FORBIDDEN = "Forbidden"
 
 
-class EmbedfleetError(Exception):
-    """An error to report to the client: a message, a code and the HTTP status it maps to."""
+class EdgeError(Exception):
+    """An error of the HTTP edge: no such route or model, wrong method, body too large, no valid key."""
 
-    def __init__(self, error_type: ErrorType, message: str, status: int | None = None) -> None:
+    def __init__(self, kind: EdgeKind, message: str) -> None:
         super().__init__(message)
-        self.error_type = error_type
+        self.kind = kind
         self.message = message
-        self.status = status if status is not None else _STATUS[error_type]
-
-    def tei_body(self) -> dict[str, Any]:
-        """The body text-embeddings-inference writes for this error."""
-        return {"error": self.message, "error_type": self.error_type.value}
-
-    def openai_body(self) -> dict[str, Any]:
-        """The body of the OpenAI-compatible routes for this error."""
-        return {"message": self.message, "code": self.status, "error_type": self.error_type.value}
-
-    def render(self, openai: bool = False) -> bytes:
-        """The JSON body, in the shape of the route family that failed."""
-        return orjson.dumps(self.openai_body() if openai else self.tei_body())
-
-    def __repr__(self) -> str:
-        return f"EmbedfleetError({self.error_type.value}, {self.status}, {self.message!r})"
 
 
-def empty(message: str = "`inputs` cannot be empty") -> EmbedfleetError:
-    """400 Empty."""
-    return EmbedfleetError(ErrorType.EMPTY, message)
+ErrorType = ErrorKind | EdgeKind
+"""The ``error_type`` of a TEI or OpenAI error body."""
+
+STATUS: dict[ErrorKind | EdgeKind | FleetErrorCode, int] = {
+    ErrorKind.EMPTY: 400,
+    ErrorKind.VALIDATION: 422,
+    ErrorKind.TOKENIZER: 422,
+    ErrorKind.BACKEND: 424,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNHEALTHY: 503,
+    EdgeKind.NOT_FOUND: 404,
+    EdgeKind.METHOD_NOT_ALLOWED: 405,
+    EdgeKind.PAYLOAD_TOO_LARGE: 413,
+    EdgeKind.UNAUTHORIZED: 401,
+    EdgeKind.FORBIDDEN: 403,
+    FleetErrorCode.INSTANCE_NOT_FOUND: 404,
+    FleetErrorCode.INSTANCE_EXISTS: 409,
+    FleetErrorCode.PORT_CONFLICT: 409,
+    FleetErrorCode.ALREADY_RUNNING: 409,
+    FleetErrorCode.NOT_RUNNING: 409,
+    FleetErrorCode.MAX_INSTANCES_REACHED: 422,
+    FleetErrorCode.INVALID_DEVICE: 422,
+    FleetErrorCode.VALIDATION_ERROR: 422,
+    FleetErrorCode.MODEL_NOT_FOUND: 404,
+    FleetErrorCode.MODEL_EXISTS: 409,
+    FleetErrorCode.MODEL_BUSY: 409,
+    FleetErrorCode.DOWNLOAD_FAILED: 502,
+    FleetErrorCode.VERIFY_FAILED: 422,
+    FleetErrorCode.UNAUTHORIZED: 401,
+    FleetErrorCode.FORBIDDEN: 403,
+    FleetErrorCode.NOT_FOUND: 404,
+    FleetErrorCode.METHOD_NOT_ALLOWED: 405,
+    FleetErrorCode.PAYLOAD_TOO_LARGE: 413,
+    FleetErrorCode.UNAVAILABLE: 503,
+    FleetErrorCode.INTERNAL_ERROR: 500,
+}
+"""The one map from an error to its HTTP status."""
+
+ADMIN_CODE: dict[ErrorKind | EdgeKind, FleetErrorCode] = {
+    ErrorKind.EMPTY: FleetErrorCode.VALIDATION_ERROR,
+    ErrorKind.VALIDATION: FleetErrorCode.VALIDATION_ERROR,
+    ErrorKind.TOKENIZER: FleetErrorCode.VALIDATION_ERROR,
+    ErrorKind.BACKEND: FleetErrorCode.INTERNAL_ERROR,
+    ErrorKind.OVERLOADED: FleetErrorCode.UNAVAILABLE,
+    ErrorKind.UNHEALTHY: FleetErrorCode.UNAVAILABLE,
+    EdgeKind.NOT_FOUND: FleetErrorCode.NOT_FOUND,
+    EdgeKind.METHOD_NOT_ALLOWED: FleetErrorCode.METHOD_NOT_ALLOWED,
+    EdgeKind.PAYLOAD_TOO_LARGE: FleetErrorCode.PAYLOAD_TOO_LARGE,
+    EdgeKind.UNAUTHORIZED: FleetErrorCode.UNAUTHORIZED,
+    EdgeKind.FORBIDDEN: FleetErrorCode.FORBIDDEN,
+}
+"""How an engine or edge error reads under /admin/, which speaks in admin codes only."""
+
+ClientError = EngineError | EdgeError | FleetError
+"""Anything :func:`render` turns into a response."""
 
 
-def validation(message: str) -> EmbedfleetError:
-    """422 Validation."""
-    return EmbedfleetError(ErrorType.VALIDATION, message)
+class Shape(Enum):
+    """The error body a route family writes."""
+
+    TEI = "tei"
+    OPENAI = "openai"
+    ADMIN = "admin"
 
 
-def tokenizer(message: str) -> EmbedfleetError:
-    """422 Tokenizer."""
-    return EmbedfleetError(ErrorType.TOKENIZER, message)
+def shape_of(path: str) -> Shape:
+    """The body shape of the route at ``path``."""
+    if path.startswith("/v1/") or path == "/embeddings":
+        return Shape.OPENAI
+    if path.startswith("/admin/") or path == "/admin":
+        return Shape.ADMIN
+    return Shape.TEI
 
 
-def backend(message: str) -> EmbedfleetError:
-    """424 Backend: inference failed, or the model cannot serve this task."""
-    return EmbedfleetError(ErrorType.BACKEND, message)
+def status_of(exc: ClientError) -> int:
+    """The HTTP status of an error."""
+    return STATUS[exc.code if isinstance(exc, FleetError) else exc.kind]
 
 
-def overloaded(message: str = "Model is overloaded") -> EmbedfleetError:
-    """429 Overloaded."""
-    return EmbedfleetError(ErrorType.OVERLOADED, message)
+def body_of(exc: ClientError, shape: Shape) -> dict[str, Any]:
+    """The JSON body of an error in a route family's shape."""
+    if isinstance(exc, FleetError):
+        return {"error": exc.message, "code": exc.code.value, "timestamp": timestamp()}
+    if shape is Shape.ADMIN:
+        return {"error": exc.message, "code": ADMIN_CODE[exc.kind].value, "timestamp": timestamp()}
+    if shape is Shape.OPENAI:
+        # The engine names the batch `inputs`, TEI's field; OpenAI's request calls it `input`.
+        message = exc.message.replace("`inputs`", "`input`")
+        return {"message": message, "code": STATUS[exc.kind], "error_type": exc.kind.value}
+    return {"error": exc.message, "error_type": exc.kind.value}
 
 
-def unhealthy(message: str = "Model is not healthy") -> EmbedfleetError:
-    """503 Unhealthy."""
-    return EmbedfleetError(ErrorType.UNHEALTHY, message)
+def render(exc: ClientError, path: str) -> tuple[int, bytes]:
+    """The status and JSON body of an error raised by the route at ``path``."""
+    return status_of(exc), orjson.dumps(body_of(exc, shape_of(path)))
 
 
-def payload_too_large(limit: int) -> EmbedfleetError:
+def from_status(status: int, message: str) -> EdgeError | EngineError:
+    """An error that only a status describes (starlette's own 404/405/413, an upstream's plain-text 4xx)."""
+    edge = {404: EdgeKind.NOT_FOUND, 405: EdgeKind.METHOD_NOT_ALLOWED, 413: EdgeKind.PAYLOAD_TOO_LARGE,
+            401: EdgeKind.UNAUTHORIZED, 403: EdgeKind.FORBIDDEN}.get(status)
+    if edge is not None:
+        return EdgeError(edge, message)
+    kind = {400: ErrorKind.EMPTY, 422: ErrorKind.VALIDATION, 429: ErrorKind.OVERLOADED,
+            503: ErrorKind.UNHEALTHY}.get(status, ErrorKind.BACKEND)
+    return EngineError(kind, message)
+
+
+def from_type(error_type: str, message: str, status: int) -> EdgeError | EngineError:
+    """An error read from another server's body (``error_type`` as TEI and embedfleet write it)."""
+    try:
+        return EngineError(ErrorKind(error_type), message)
+    except ValueError:
+        pass
+    try:
+        return EdgeError(EdgeKind(error_type), message)
+    except ValueError:
+        return from_status(status, message)
+
+
+def not_found(message: str) -> EdgeError:
+    """404: no such route or model."""
+    return EdgeError(EdgeKind.NOT_FOUND, message)
+
+
+def payload_too_large(limit: int) -> EdgeError:
     """413: the request body is over the size limit."""
-    return EmbedfleetError(
-        ErrorType.VALIDATION, f"request body is larger than the limit of {limit} bytes", status=413
-    )
+    return EdgeError(EdgeKind.PAYLOAD_TOO_LARGE, f"request body is larger than the limit of {limit} bytes")
 
 
-def unauthorized(message: str = "missing or invalid API key (Authorization: Bearer KEY)") -> EmbedfleetError:
-    """401: no valid API key."""
-    return EmbedfleetError(ErrorType.UNAUTHORIZED, message)
+def unauthorized(message: str = "missing or invalid API key (Authorization: Bearer KEY)") -> EdgeError:
+    """401: no valid key."""
+    return EdgeError(EdgeKind.UNAUTHORIZED, message)
 
 
-def forbidden(message: str) -> EmbedfleetError:
-    """403: authenticated, but not allowed (admin routes)."""
-    return EmbedfleetError(ErrorType.UNAUTHORIZED, message, status=403)
+def forbidden(message: str) -> EdgeError:
+    """403: authenticated, or not, but this route is off."""
+    return EdgeError(EdgeKind.FORBIDDEN, message)

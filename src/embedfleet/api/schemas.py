@@ -7,32 +7,17 @@ where a string belongs is a validation error, never silently coerced.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from embedfleet.engine.tokenization import TruncationDirection
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 InputType = StrictStr | list[TokenId]
 """One input: a text, or a sequence of token ids that is used as is."""
 Input = InputType | list[InputType]
 """A single input or a batch of them."""
-
-
-class TruncationDirection(StrEnum):
-    """Which end of an over-long input is cut off. Accepted in any letter case."""
-
-    LEFT = "left"
-    RIGHT = "right"
-
-    @classmethod
-    def _missing_(cls, value: object) -> TruncationDirection | None:
-        if isinstance(value, str):
-            lowered = value.lower()
-            for member in cls:
-                if member.value == lowered:
-                    return member
-        return None
 
 
 class _Request(BaseModel):

@@ -50,7 +50,8 @@ class TieredCache:
         self.backoff = backoff
         self.counters = TierCounters()
         # Not registered anywhere: whoever serves /metrics collects it (see the gateway's collector).
-        self.store_latency = Histogram("ef_cache_store_seconds", "Cache store call latency", ["op"], registry=None,
+        self.store_latency = Histogram("embedfleet_cache_store_seconds", "Cache store call latency", ["op"],
+                                       registry=None,
                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         # None is the stop sentinel; put() never enqueues None.
         self._queue: asyncio.Queue[tuple[bytes, bytes] | None] = asyncio.Queue(maxsize=write_queue)

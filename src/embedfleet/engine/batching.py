@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedfleet.api import errors
+from embedfleet.engine import errors
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.metrics import EngineMetrics
 from embedfleet.engine.tokenization import Encoded
@@ -156,7 +156,7 @@ class Batcher:
                     log.exception("batch of %d failed", len(batch))
                     self.metrics.batch_inference_failure.labels(output.value).inc()
                     self.failed_in_a_row += 1
-                    err = exc if isinstance(exc, errors.EmbedfleetError) else errors.backend(
+                    err = exc if isinstance(exc, errors.EngineError) else errors.backend(
                         f"inference failed: {exc}")
                     for w in batch:
                         if not w.future.done():

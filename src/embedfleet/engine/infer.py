@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedfleet.api import errors
-from embedfleet.api.schemas import TruncationDirection
+from embedfleet.engine import errors
 from embedfleet.engine.backends.base import Backend, Output
 from embedfleet.engine.batching import Batcher, RowResult
 from embedfleet.engine.metrics import EngineMetrics
 from embedfleet.engine.model import ModelInfo, Task
-from embedfleet.engine.tokenization import Encoded, Tokenization
+from embedfleet.engine.tokenization import Encoded, Tokenization, TruncationDirection
 
 DEFAULT_BATCH_TOKENS = 16384
 """Padded tokens per batch unless the backend prefers fewer (TEI's default)."""
@@ -29,14 +28,15 @@ DEFAULT_BATCH_TOKENS = 16384
 
 @dataclass(frozen=True)
 class Limits:
-    """Request and batch limits of a replica."""
+    """Request and batch limits of a replica. No defaults here: the worker's settings define them
+    (``config.WorkerSettings``), and ``worker.server.build_engine`` resolves those the device decides."""
 
-    max_batch_tokens: int = DEFAULT_BATCH_TOKENS
-    max_batch_requests: int = 512
-    max_client_batch_size: int = 32
-    max_concurrent_requests: int = 512
-    auto_truncate: bool = False
-    tokenization_workers: int = 2
+    max_batch_tokens: int
+    max_batch_requests: int
+    max_client_batch_size: int
+    max_concurrent_requests: int
+    auto_truncate: bool
+    tokenization_workers: int
 
 
 @dataclass
@@ -57,9 +57,9 @@ def _article(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
-def _route(task: Task) -> str:
-    return {Task.EMBEDDING: "/embed", Task.SPARSE: "/embed_sparse", Task.RERANKER: "/rerank",
-            Task.CLASSIFIER: "/predict"}[task]
+TASK_ROUTES: dict[Task, str] = {Task.EMBEDDING: "/embed", Task.SPARSE: "/embed_sparse", Task.RERANKER: "/rerank",
+                                 Task.CLASSIFIER: "/predict"}
+"""The TEI route of each task: where its errors point clients, and what ``POST /`` means for it."""
 
 
 class Engine:
@@ -113,7 +113,7 @@ class Engine:
         probe = Encoded(ids=np.array([1, 2], dtype=np.int64), type_ids=np.zeros(2, dtype=np.int64), characters=0)
         try:
             await asyncio.wait_for(self.batcher.submit([probe], self.backend.default_output()), timeout)
-        except (TimeoutError, errors.EmbedfleetError) as exc:
+        except (TimeoutError, errors.EngineError) as exc:
             raise errors.unhealthy(f"health check inference failed: {exc}") from exc
 
     # ----- validation helpers -----
@@ -122,17 +122,12 @@ class Engine:
         if self.info.task not in tasks:
             raise errors.backend(
                 f"Backend error: {message} ({self.info.model_id} is {_article(self.info.task.value)} model: "
-                f"use `{_route(self.info.task)}`)"
+                f"use `{TASK_ROUTES[self.info.task]}`)"
             )
 
     def check_batch(self, n: int, field: str = "inputs") -> None:
         """Empty and over-large batches are rejected before any work."""
-        if n == 0:
-            raise errors.empty(f"`{field}` cannot be empty")
-        if n > self.limits.max_client_batch_size:
-            raise errors.validation(
-                f"batch size {n} > maximum allowed batch size {self.limits.max_client_batch_size}"
-            )
+        errors.check_batch_size(n, self.limits.max_client_batch_size, field)
 
     def _truncate(self, truncate: bool | None) -> bool:
         return self.limits.auto_truncate if truncate is None else truncate
@@ -140,8 +135,8 @@ class Engine:
     async def _encode(self, inputs: Sequence[str | list[int]], truncate: bool | None,
                       direction: TruncationDirection, stats: Stats, prompt_name: str | None = None,
                       pairs: Sequence[str] | None = None) -> list[Encoded]:
-        if pairs is None and any(x == "" for x in inputs):
-            raise errors.empty("Input validation error: `inputs` cannot be empty")
+        if pairs is None and "" in inputs:
+            raise errors.empty("Input validation error: `inputs` cannot be empty", input=list(inputs).index(""))
         texts: Sequence[str | list[int]] = inputs
         if prompt_name is not None or self.tokenization.default_prompt_name is not None:
             plain = [x for x in inputs if isinstance(x, str)]
@@ -323,11 +318,11 @@ class Engine:
     async def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool) -> list[str]:
         """Token ids back to text."""
         self.check_batch(len(ids))
-        for seq in ids:
+        for i, seq in enumerate(ids):
             for t in seq:
                 if t >= self.tokenization.vocab_size:
                     raise errors.validation(f"token id {t} is out of range (vocabulary size "
-                                            f"{self.tokenization.vocab_size})")
+                                            f"{self.tokenization.vocab_size})", input=i)
         loop = asyncio.get_running_loop()
         tok = self.tokenization.tokenizer
         try:

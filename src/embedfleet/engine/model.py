@@ -20,6 +20,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*/*.json"]
+"""The files of a Hugging Face repository a worker fetches: what it can load, not every weight format. A
+repository's own ONNX files are not among them: they lack the pooling head, so the onnx backend always
+exports its own graph from the safetensors weights."""
 
 
 class ModelError(Exception):
@@ -102,9 +106,8 @@ def resolve(spec: str, revision: str | None = None) -> tuple[str, Path, str | No
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise ModelError("huggingface_hub is needed to download models") from exc
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "onnx/model.onnx", "onnx/*.onnx_data", "*/*.json"]
     try:
-        folder = Path(snapshot_download(spec, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(spec, revision=revision, allow_patterns=DOWNLOAD_PATTERNS))
     except LocalEntryNotFoundError as exc:
         raise ModelError(
             f"model {spec!r} is not in the local Hugging Face cache and downloads are off "

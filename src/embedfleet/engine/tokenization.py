@@ -9,13 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from embedfleet.api import errors
-from embedfleet.api.schemas import TruncationDirection
+from embedfleet.engine import errors
+
+
+class TruncationDirection(StrEnum):
+    """Which end of an over-long input is cut off. Accepted in any letter case."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+    @classmethod
+    def _missing_(cls, value: object) -> TruncationDirection | None:
+        if isinstance(value, str):
+            lowered = value.lower()
+            for member in cls:
+                if member.value == lowered:
+                    return member
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +128,7 @@ class Tokenization:
                 for t in x:
                     if t >= self.vocab_size:
                         raise errors.validation(
-                            f"token id {t} in input {i} is out of range (vocabulary size {self.vocab_size})"
-                        )
+                            f"token id {t} is out of range (vocabulary size {self.vocab_size})", input=i)
                 out[i] = self._check(x, [0] * len(x), 0, truncate, direction, i)
         return [e for e in out if e is not None]
 
@@ -124,14 +139,13 @@ class Tokenization:
             if not truncate:
                 raise errors.validation(
                     f"Input validation error: `inputs` must have less than {self.max_input_length} tokens. "
-                    f"Given: {n} (input {index}; set `truncate: true` to cut it)"
-                )
+                    f"Given: {n}; set `truncate: true` to cut it", input=index)
             # Only token-id inputs reach here: text inputs were truncated by the tokenizer.
             keep = self.max_input_length
             ids = ids[n - keep:] if direction is TruncationDirection.LEFT else ids[:keep]
             type_ids = type_ids[:keep]
         if n == 0:
-            raise errors.empty("Input validation error: `inputs` cannot be empty")
+            raise errors.empty("Input validation error: `inputs` cannot be empty", input=index)
         return Encoded(
             ids=np.asarray(ids, dtype=np.int64),
             type_ids=np.asarray(type_ids, dtype=np.int64),

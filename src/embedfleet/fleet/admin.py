@@ -1,27 +1,32 @@
 """The admin REST API under /admin: instances and models, changed live.
 
-Every route needs the admin key when the service has keys (an API key or an admin key); a service
-without any key (the local default) leaves them open. Errors are ``{"error", "code", "timestamp"}``
-(see :mod:`embedfleet.fleet.errors`).
+The routes need the admin key (declared once, as :data:`ADMIN_RULES`, and checked by the edge) when
+the service has any key; a service without keys (the local default) leaves them open. Every error,
+FastAPI's own 404 and 422 included, is ``{"error", "code", "timestamp"}`` (see
+:mod:`embedfleet.fleet.errors`). Handlers are plain functions of a request and the
+:class:`AdminState` (a FastAPI dependency).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from embedfleet.api.errors import EmbedfleetError
+from embedfleet.api.auth import Access, Auth, Rule
 from embedfleet.fleet.devices import DeviceError
 from embedfleet.fleet.errors import FleetError, FleetErrorCode
 from embedfleet.fleet.plan import request_devices
 from embedfleet.fleet.registry import ModelRegistry
 from embedfleet.fleet.spec import InstanceRequest
 from embedfleet.fleet.supervisor import Supervisor
-from embedfleet.gateway.auth import KeyCheck
+
+ADMIN_RULES = (Rule("/admin/", Access.ADMIN),)
+"""Every admin route needs the admin key."""
 
 
 class ModelRequest(BaseModel):
@@ -29,6 +34,24 @@ class ModelRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=500)
     revision: str | None = Field(default=None, max_length=200)
+
+
+@dataclass
+class AdminState:
+    """What the admin routes drive."""
+
+    supervisor: Supervisor
+    registry: ModelRegistry
+
+
+async def admin_state(request: Request) -> AdminState:
+    """The admin state of the app serving the request (a dependency; async, so it runs on the event loop)."""
+    state: AdminState = request.app.state.admin
+    return state
+
+
+State = Annotated[AdminState, Depends(admin_state)]
+Timeout = Annotated[float, Query(gt=0, le=3600)]
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -54,136 +77,122 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
         raise FleetError(FleetErrorCode.VALIDATION_ERROR, _explain(exc)) from None
 
 
-def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry, keys: KeyCheck) -> None:
-    """Add the /admin routes and their error rendering to the gateway app."""
+async def _settled(state: AdminState, name: str, wait: bool, timeout: float) -> Response:
+    """An instance after a start or restart, once it runs (or failed) when ``wait``."""
+    if wait:
+        await state.supervisor.wait_settled([name], timeout)
+    return _json(state.supervisor.get(name).describe())
 
-    async def fleet_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, FleetError)
-        return Response(exc.render(), status_code=exc.status, media_type="application/json")
 
-    app.add_exception_handler(FleetError, fleet_error)
-    open_admin = not keys.api_keys and keys.admin_key is None
+router = APIRouter(prefix="/admin", tags=["admin"])
 
-    def authorize(request: Request) -> None:
-        if open_admin:
-            return
-        try:
-            keys.check(request.url.path, request.headers.get("authorization"), admin=True)
-        except EmbedfleetError as exc:
-            code = FleetErrorCode.FORBIDDEN if exc.status == 403 else FleetErrorCode.UNAUTHORIZED
-            raise FleetError(code, exc.message) from None
 
-    router = APIRouter(prefix="/admin", tags=["admin"])
+@router.get("/instances")
+async def list_instances(state: State) -> Response:
+    """Every instance with its state."""
+    return _json({"instances": [i.describe() for i in state.supervisor.instances.values()]})
 
-    @router.get("/instances")
-    async def list_instances(request: Request) -> Response:
-        """Every instance with its state."""
-        authorize(request)
-        return _json({"instances": [i.describe() for i in supervisor.instances.values()]})
 
-    @router.post("/instances", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": InstanceRequest.model_json_schema()}}}})
-    async def create_instance(request: Request, wait: bool = False,
-                              timeout: float = Query(600.0, gt=0, le=3600)) -> Response:
-        """Add instances (``replicas`` of them) and start them; ``url`` registers an external server.
-        ``?wait=true`` answers once they are running (or failed)."""
-        authorize(request)
-        body: InstanceRequest = await _body(request, InstanceRequest)
-        try:
-            devices = request_devices(body, supervisor.settings.gpus)
-        except DeviceError as exc:
-            raise FleetError(FleetErrorCode.INVALID_DEVICE, str(exc)) from None
-        try:
-            specs = body.specs(devices)
-        except ValueError as exc:  # a replica's derived name is too long
-            raise FleetError(FleetErrorCode.VALIDATION_ERROR, str(exc)) from None
-        added = await supervisor.add(specs)
-        if body.model is not None and not any(m.id == body.model for m in registry.list()):
-            with contextlib.suppress(FleetError):  # listing it is a convenience; the instance is what counts
-                await registry.add(body.model, body.revision)
-        if wait:
-            await supervisor.wait_settled([i.name for i in added], timeout)
-        return _json({"instances": [i.describe() for i in added]}, status=201)
+@router.post("/instances", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": InstanceRequest.model_json_schema()}}}})
+async def create_instance(request: Request, state: State, wait: bool = False, timeout: Timeout = 600.0) -> Response:
+    """Add instances (``replicas`` of them) and start them; ``url`` registers an external server.
+    ``?wait=true`` answers once they are running (or failed)."""
+    body: InstanceRequest = await _body(request, InstanceRequest)
+    supervisor = state.supervisor
+    try:
+        devices = request_devices(body, supervisor.settings.gpus)
+    except DeviceError as exc:
+        raise FleetError(FleetErrorCode.INVALID_DEVICE, str(exc)) from None
+    try:
+        specs = body.specs(devices)
+    except ValueError as exc:  # a replica's derived name is too long
+        raise FleetError(FleetErrorCode.VALIDATION_ERROR, str(exc)) from None
+    added = await supervisor.add(specs)
+    if body.model is not None and not any(m.id == body.model for m in state.registry.list()):
+        with contextlib.suppress(FleetError):  # listing it is a convenience; the instance is what counts
+            await state.registry.add(body.model, body.revision)
+    if wait:
+        await supervisor.wait_settled([i.name for i in added], timeout)
+    return _json({"instances": [i.describe() for i in added]}, status=201)
 
-    @router.get("/instances/{name}")
-    async def get_instance(name: str, request: Request) -> Response:
-        """One instance."""
-        authorize(request)
-        return _json(supervisor.get(name).describe())
 
-    @router.delete("/instances/{name}")
-    async def delete_instance(name: str, request: Request) -> Response:
-        """Stop the instance and forget it."""
-        authorize(request)
-        await supervisor.remove(name)
-        return _json({"deleted": name})
+@router.get("/instances/{name}")
+async def get_instance(name: str, state: State) -> Response:
+    """One instance."""
+    return _json(state.supervisor.get(name).describe())
 
-    async def launched(name: str, wait: bool, timeout: float) -> Response:
-        if wait:
-            await supervisor.wait_settled([name], timeout)
-        return _json(supervisor.get(name).describe())
 
-    @router.post("/instances/{name}/start")
-    async def start_instance(name: str, request: Request, wait: bool = False,
-                             timeout: float = Query(600.0, gt=0, le=3600)) -> Response:
-        """Start a stopped or failed instance."""
-        authorize(request)
-        await supervisor.start(name)
-        return await launched(name, wait, timeout)
+@router.delete("/instances/{name}")
+async def delete_instance(name: str, state: State) -> Response:
+    """Stop the instance and forget it."""
+    await state.supervisor.remove(name)
+    return _json({"deleted": name})
 
-    @router.post("/instances/{name}/stop")
-    async def stop_instance(name: str, request: Request) -> Response:
-        """Stop an instance (drained first); it stays stopped until started."""
-        authorize(request)
-        return _json((await supervisor.stop(name)).describe())
 
-    @router.post("/instances/{name}/restart")
-    async def restart_instance(name: str, request: Request, wait: bool = False,
-                               timeout: float = Query(600.0, gt=0, le=3600)) -> Response:
-        """Stop and start again, with a fresh restart budget."""
-        authorize(request)
-        await supervisor.restart(name)
-        return await launched(name, wait, timeout)
+@router.post("/instances/{name}/start")
+async def start_instance(name: str, state: State, wait: bool = False, timeout: Timeout = 600.0) -> Response:
+    """Start a stopped or failed instance."""
+    await state.supervisor.start(name)
+    return await _settled(state, name, wait, timeout)
 
-    @router.get("/instances/{name}/logs")
-    async def instance_logs(name: str, request: Request, tail: int = Query(100, ge=0, le=1000)) -> Response:
-        """The last lines of the instance's log (the whole log is in its file)."""
-        authorize(request)
-        instance = supervisor.get(name)
-        return _json({"name": name, "file": str(instance.log.path), "lines": instance.log.last(tail)})
 
-    @router.get("/models")
-    async def list_models(request: Request) -> Response:
-        """Known models: the packaged default, the Hugging Face cache, and those registered."""
-        authorize(request)
-        return _json({"models": [m.model_dump() for m in registry.list()]})
+@router.post("/instances/{name}/stop")
+async def stop_instance(name: str, state: State) -> Response:
+    """Stop an instance (drained first); it stays stopped until started."""
+    return _json((await state.supervisor.stop(name)).describe())
 
-    @router.post("/models", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": ModelRequest.model_json_schema()}}}})
-    async def add_model(request: Request) -> Response:
-        """Register a model (a Hugging Face id or a local folder)."""
-        authorize(request)
-        body: ModelRequest = await _body(request, ModelRequest)
-        return _json((await registry.add(body.model, body.revision)).model_dump(), status=201)
 
-    @router.post("/models/{model_id:path}/download")
-    async def download_model(model_id: str, request: Request, wait: bool = False) -> Response:
-        """Download into the Hugging Face cache (202 while it runs; ``?wait=true`` for the outcome)."""
-        authorize(request)
-        record = await registry.download(model_id, wait=wait)
-        return _json(record.model_dump(), status=200 if wait else 202)
+@router.post("/instances/{name}/restart")
+async def restart_instance(name: str, state: State, wait: bool = False, timeout: Timeout = 600.0) -> Response:
+    """Stop and start again, with a fresh restart budget."""
+    await state.supervisor.restart(name)
+    return await _settled(state, name, wait, timeout)
 
-    @router.post("/models/{model_id:path}/verify")
-    async def verify_model(model_id: str, request: Request, wait: bool = False) -> Response:
-        """Load the model in a separate process, embed one text, unload; records what it found."""
-        authorize(request)
-        record = await registry.verify(model_id, wait=wait)
-        return _json(record.model_dump(), status=200 if wait else 202)
 
-    @router.get("/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> Response:
-        """One model (ids with '/' URL-encoded or not)."""
-        authorize(request)
-        return _json(registry.get(model_id).model_dump())
+@router.get("/instances/{name}/logs")
+async def instance_logs(name: str, state: State, tail: Annotated[int, Query(ge=0, le=1000)] = 100) -> Response:
+    """The last lines of the instance's log (the whole log is in its file)."""
+    instance = state.supervisor.get(name)
+    return _json({"name": name, "file": str(instance.log.path), "lines": instance.log.last(tail)})
 
+
+@router.get("/models")
+async def list_models(state: State) -> Response:
+    """Known models: the packaged default, the Hugging Face cache, and those registered."""
+    return _json({"models": [m.model_dump() for m in state.registry.list()]})
+
+
+@router.post("/models", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ModelRequest.model_json_schema()}}}})
+async def add_model(request: Request, state: State) -> Response:
+    """Register a model (a Hugging Face id or a local folder)."""
+    body: ModelRequest = await _body(request, ModelRequest)
+    return _json((await state.registry.add(body.model, body.revision)).model_dump(), status=201)
+
+
+@router.post("/models/{model_id:path}/download")
+async def download_model(model_id: str, state: State, wait: bool = False) -> Response:
+    """Download into the Hugging Face cache (202 while it runs; ``?wait=true`` for the outcome)."""
+    record = await state.registry.download(model_id, wait=wait)
+    return _json(record.model_dump(), status=200 if wait else 202)
+
+
+@router.post("/models/{model_id:path}/verify")
+async def verify_model(model_id: str, state: State, wait: bool = False) -> Response:
+    """Load the model in a separate process, embed one text, unload; records what it found."""
+    record = await state.registry.verify(model_id, wait=wait)
+    return _json(record.model_dump(), status=200 if wait else 202)
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, state: State) -> Response:
+    """One model (ids with '/' URL-encoded or not)."""
+    return _json(state.registry.get(model_id).model_dump())
+
+
+def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry, auth: Auth) -> None:
+    """Add the /admin routes to the gateway app, and their access rule to its keys."""
+    app.state.admin = AdminState(supervisor, registry)
+    auth.declare(*ADMIN_RULES)
     app.include_router(router)

@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from embedfleet.config import normalize_device
+
 log = logging.getLogger("embedfleet.fleet")
 
 
@@ -60,20 +62,17 @@ class Placement:
 
 def parse_device(device: str, gpus: list[str]) -> str:
     """Normalise ``cpu``, ``cuda``, ``cuda:N`` or ``N`` against the visible GPUs; DeviceError otherwise."""
-    value = device.strip().lower()
+    try:
+        value = normalize_device(device, index=True)
+    except ValueError as exc:
+        raise DeviceError(str(exc)) from None
     if value == "cpu":
-        return "cpu"
-    if value == "cuda":
-        value = "cuda:0"
-    if value.isdigit():
-        value = f"cuda:{value}"
-    if not (value.startswith("cuda:") and value[5:].isdigit()):
-        raise DeviceError(f"device {device!r} is not cpu, cuda, cuda:N or a GPU index")
-    index = int(value[5:])
+        return value
+    index = int(value.partition(":")[2] or 0)
     if index >= len(gpus):
         seen = f"GPUs 0-{len(gpus) - 1}" if gpus else "no GPU"
         raise DeviceError(f"device {device!r} does not exist: this machine has {seen}")
-    return value
+    return f"cuda:{index}"
 
 
 def placement(device: str, gpus: list[str]) -> Placement:

@@ -1,16 +1,19 @@
-"""The fleet's admin API errors: one enum of stable machine codes, each mapped to an HTTP status.
+"""The fleet's errors: one enum of stable machine codes for the admin API.
 
-Admin routes answer ``{"error": message, "code": CODE, "timestamp": RFC 3339}``, the shape
-instance managers use, so scripts can branch on ``code`` and never parse messages.
+The fleet knows no HTTP: ``embedfleet.api.errors`` maps each code to a status and renders the admin
+body ``{"error": message, "code": CODE, "timestamp": RFC 3339}``, the shape instance managers use,
+so scripts can branch on ``code`` and never parse messages.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
-import orjson
+
+def timestamp() -> str:
+    """Now, as RFC 3339 UTC with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class FleetErrorCode(StrEnum):
@@ -27,57 +30,24 @@ class FleetErrorCode(StrEnum):
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_EXISTS = "MODEL_EXISTS"
     MODEL_BUSY = "MODEL_BUSY"
+    """A download or verification of this model is already under way."""
     DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    """The hub could not be reached or refused the download."""
     VERIFY_FAILED = "VERIFY_FAILED"
+    """The model did not load or embed."""
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
     NOT_FOUND = "NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNAVAILABLE = "UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
-STATUS: dict[FleetErrorCode, int] = {
-    FleetErrorCode.INSTANCE_NOT_FOUND: 404,
-    FleetErrorCode.INSTANCE_EXISTS: 409,
-    FleetErrorCode.PORT_CONFLICT: 409,
-    FleetErrorCode.ALREADY_RUNNING: 409,
-    FleetErrorCode.NOT_RUNNING: 409,
-    FleetErrorCode.MAX_INSTANCES_REACHED: 422,
-    FleetErrorCode.INVALID_DEVICE: 422,
-    FleetErrorCode.VALIDATION_ERROR: 422,
-    FleetErrorCode.MODEL_NOT_FOUND: 404,
-    FleetErrorCode.MODEL_EXISTS: 409,
-    FleetErrorCode.MODEL_BUSY: 409,  # a download or verification of this model is already under way
-    FleetErrorCode.DOWNLOAD_FAILED: 502,  # the hub could not be reached or refused the download
-    FleetErrorCode.VERIFY_FAILED: 422,  # the model did not load or embed
-    FleetErrorCode.UNAUTHORIZED: 401,
-    FleetErrorCode.FORBIDDEN: 403,
-    FleetErrorCode.NOT_FOUND: 404,
-    FleetErrorCode.INTERNAL_ERROR: 500,
-}
-
-
-def timestamp() -> str:
-    """Now, as RFC 3339 UTC with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class FleetError(Exception):
-    """An admin API error: a code (which fixes the status) and a message for people."""
+    """An admin API error: a code and a message for people."""
 
     def __init__(self, code: FleetErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-
-    @property
-    def status(self) -> int:
-        """The HTTP status of this code."""
-        return STATUS[self.code]
-
-    def body(self) -> dict[str, Any]:
-        """``{"error", "code", "timestamp"}``."""
-        return {"error": self.message, "code": self.code.value, "timestamp": timestamp()}
-
-    def render(self) -> bytes:
-        """The JSON body."""
-        return orjson.dumps(self.body())

@@ -64,8 +64,9 @@ def declared(settings: FleetSettings, gpus: list[str], cpus: int | None = None) 
             on_cpu = all(d == "cpu" for d in devices)
             replicas = settings.replicas or (cpus if on_cpu else len(devices))
             threads = settings.threads or (max(1, cpus // replicas) if on_cpu else None)
-            plain = InstanceRequest(name=default_name(settings.model), model=settings.model, replicas=replicas,
-                                      threads=threads, backend=settings.backend)
+            plain = InstanceRequest.model_validate({"name": default_name(settings.model), "model": settings.model,
+                                                    "replicas": replicas, "threads": threads,
+                                                    "backend": settings.backend})
             specs = plain.specs(spread(replicas, devices))
     except (ValidationError, DeviceError) as exc:
         raise ConfigError(f"invalid fleet instances: {exc}") from exc

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from embedfleet.engine.model import DOWNLOAD_PATTERNS
 from embedfleet.fleet.errors import FleetError, FleetErrorCode, timestamp
 
 log = logging.getLogger("embedfleet.fleet")
@@ -33,8 +34,6 @@ log = logging.getLogger("embedfleet.fleet")
 DEFAULT_SPEC = "default"
 MAX_ID_LENGTH = 96
 VERIFY_TIMEOUT = 300.0
-# What a worker fetches (embedfleet.engine.model.resolve): the weights it can load, not every format.
-DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "onnx/model.onnx", "onnx/*.onnx_data", "*/*.json"]
 # Hugging Face repo ids: an optional namespace and a name, ASCII letters, digits, '-', '_', '.'.
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -138,10 +138,11 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
         reserved_ports=frozenset({gateway_settings.port}), health_interval=fleet.health_interval,
         health_failures=fleet.health_failures, start_timeout=fleet.start_timeout, stop_timeout=fleet.stop_timeout,
         max_restarts=fleet.max_restarts, restart_window=fleet.restart_window, max_instances=fleet.max_instances,
-        worker_log_level=fleet.log_level, gpus=gpus), gateway.router, on_change=persist)
+        worker_log_level=fleet.log_level, worker_log_format=fleet.log_format, data_dir=fleet.data_dir, gpus=gpus),
+        gateway.router, on_change=persist)
     registry = ModelRegistry(on_change=persist)
     collector.supervisor = supervisor
-    install_admin(gateway.app, supervisor, registry, gateway.keys)
+    install_admin(gateway.app, supervisor, registry, gateway.auth)
 
     def force() -> None:
         supervisor.kill_all()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from embedfleet.config import WorkerSettings, optional_fields
 
 # Names become file names (logs) and URL segments: letters, digits, '.', '_' and '-', no leading dot.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -20,36 +22,38 @@ def check_name(name: str) -> str:
     return name
 
 
-class WorkerOptions(BaseModel):
-    """Settings passed on to ``embedfleet worker`` (None: the worker's default)."""
+FLEET_DECIDES = frozenset({"model", "served_model_name", "host", "port", "device", "data_dir",
+                           "exit_on_load_failure", "log_level", "log_format"})
+"""Worker settings the fleet sets itself (from the instance's own fields and its placement); every other
+worker setting is an instance option."""
+WORKER_OPTIONS = tuple(name for name in WorkerSettings.model_fields if name not in FLEET_DECIDES)
+"""The worker settings an instance may set, each as ``WorkerSettings`` defines it."""
 
-    model_config = ConfigDict(extra="forbid")
+if TYPE_CHECKING:
+    class WorkerOptions(BaseModel):
+        """The fields are made at runtime: to a type checker, each is Any."""
 
-    revision: str | None = Field(default=None, max_length=200)
-    pooling: Literal["mean", "cls", "last_token", "splade"] | None = None
-    backend: Literal["auto", "onnx", "torch"] | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    threads: int | None = Field(default=None, ge=1, le=1024)
-    quantize: Literal["int8"] | None = None
-    max_batch_tokens: int | None = Field(default=None, ge=1)
-    max_batch_requests: int | None = Field(default=None, ge=1)
-    max_client_batch_size: int | None = Field(default=None, ge=1)
-    max_concurrent_requests: int | None = Field(default=None, ge=1)
-    auto_truncate: bool | None = None
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    # Derived from WorkerSettings (types, bounds, descriptions), so the two cannot drift.
+    WorkerOptions = create_model(
+        "WorkerOptions", __config__=ConfigDict(extra="forbid"), __module__=__name__,
+        __doc__="Settings passed on to ``embedfleet worker`` (None: the worker's default).",
+        **optional_fields(WorkerSettings, WORKER_OPTIONS))
 
 
-class InstanceSpec(WorkerOptions):
-    """One instance: a worker process the fleet runs, or an external TEI-compatible server (``url``)."""
+class _Instance(WorkerOptions):
+    """What an instance definition and a request for instances share."""
 
-    name: str
+    name: str = Field(description="instance name: 1-63 letters, digits, '.', '_' or '-' (NAME-0, NAME-1... "
+                                  "with replicas)")
     model: str | None = Field(default=None, min_length=1, max_length=500,
-                              description="local folder, Hugging Face id or `default`")
-    url: str | None = Field(default=None, description="an external server to route to (not spawned)")
+                              description=WorkerSettings.model_fields["model"].description)
+    url: str | None = Field(default=None, description="an external TEI-compatible server to route to instead of "
+                                                      "a model (health-checked, never spawned)")
     served_name: str | None = Field(default=None, min_length=1, max_length=200,
-                                    description="pool (model name clients use); default: the model")
+                                    description="model name clients use, the gateway pool (default: the model)")
     task: Task | None = Field(default=None, description="expected task; the instance fails if the model does another")
-    device: str = "cpu"
-    port: int | None = Field(default=None, ge=1, le=65535, description="fixed port; default: one from the port range")
 
     @field_validator("name")
     @classmethod
@@ -64,10 +68,17 @@ class InstanceSpec(WorkerOptions):
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> InstanceSpec:
+    def _one_source(self) -> Self:
         if (self.model is None) == (self.url is None):
             raise ValueError("give exactly one of `model` (a worker to run) or `url` (an external server)")
         return self
+
+
+class InstanceSpec(_Instance):
+    """One instance: a worker process the fleet runs, or an external TEI-compatible server (``url``)."""
+
+    device: str = "cpu"
+    port: int | None = Field(default=None, ge=1, le=65535, description="fixed port; default: one from the port range")
 
     @property
     def external(self) -> bool:
@@ -80,26 +91,16 @@ class InstanceSpec(WorkerOptions):
         return self.served_name or self.model or self.name
 
 
-class InstanceRequest(WorkerOptions):
+class InstanceRequest(_Instance):
     """``POST /admin/instances``: one instance, or ``replicas`` of them named ``NAME-0``, ``NAME-1``..."""
 
-    name: str
-    model: str | None = Field(default=None, min_length=1, max_length=500)
-    url: str | None = None
-    served_name: str | None = Field(default=None, min_length=1, max_length=200)
-    task: Task | None = None
-    device: str | None = Field(default=None, description="cpu, cuda, cuda:N or N (default: cpu, or GPU gpu_id)")
-    gpu_id: int | None = Field(default=None, ge=0)
-    replicas: int = Field(default=1, ge=1, le=64)
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:N or N (default: the first GPU, else cpu)")
+    gpu_id: int | None = Field(default=None, ge=0, description="GPU index, instead of device")
+    replicas: int = Field(default=1, ge=1, le=64, description="workers to start")
     port: int | None = Field(default=None, ge=1, le=65535, description="fixed port (replicas take the next ones)")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return check_name(value)
-
     @model_validator(mode="after")
-    def _consistent(self) -> InstanceRequest:
+    def _consistent(self) -> Self:
         if self.device is not None and self.gpu_id is not None:
             raise ValueError("give `device` or `gpu_id`, not both")
         if self.url is not None and self.replicas != 1:

@@ -166,8 +166,3 @@ class StateFile:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-    @property
-    def locked(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._lock_fd is not None

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,9 +33,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from embedfleet.config import ENV_PREFIX, WorkerSettings, settings_flags
 from embedfleet.fleet.devices import placement
 from embedfleet.fleet.errors import FleetError, FleetErrorCode, timestamp
-from embedfleet.fleet.spec import InstanceSpec
+from embedfleet.fleet.spec import WORKER_OPTIONS, InstanceSpec
 
 log = logging.getLogger("embedfleet.fleet")
 
@@ -95,6 +96,7 @@ class SupervisorSettings:
     stable_after: float = 60.0  # running this long resets the back-off
     max_instances: int = 64
     worker_log_level: str = "info"
+    worker_log_format: str = "text"
     gpus: list[str] = field(default_factory=list)
 
 
@@ -205,23 +207,26 @@ def port_free(host: str, port: int) -> bool:
 
 
 def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_dir: Path | None,
-                   log_level: str) -> list[str]:
-    """The ``embedfleet worker`` command line of an instance."""
+                   log_level: str, log_format: str = "text") -> list[str]:
+    """The ``embedfleet worker`` command line of an instance: every worker setting as a flag (the worker's
+    defaults where the instance sets none), and no config file, so nothing but the instance decides."""
     assert spec.model is not None
-    cmd = [sys.executable, "-m", "embedfleet.cli", "worker", "--model", spec.model, "--host", host,
-           "--port", str(port), "--device", device, "--exit-on-load-failure", "--log-level", log_level]
-    if spec.served_name:
-        cmd += ["--served-model-name", spec.served_name]
+    values = {name: field.get_default(call_default_factory=True)
+              for name, field in WorkerSettings.model_fields.items()}
+    values.update({k: v for k, v in spec.model_dump(include=set(WORKER_OPTIONS)).items() if v is not None})
+    values.update(model=spec.model, served_model_name=spec.served_name, host=host, port=port, device=device,
+                  exit_on_load_failure=True, log_level=log_level, log_format=log_format)
     if data_dir is not None:
-        cmd += ["--data-dir", str(data_dir)]
-    for key in ("revision", "pooling", "backend", "dtype", "threads", "quantize", "max_batch_tokens",
-                "max_batch_requests", "max_client_batch_size", "max_concurrent_requests"):
-        value = getattr(spec, key)
-        if value is not None:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-    if spec.auto_truncate is not None:
-        cmd.append("--auto-truncate" if spec.auto_truncate else "--no-auto-truncate")
-    return cmd
+        values["data_dir"] = data_dir
+    return [sys.executable, "-m", "embedfleet.cli", "worker", "--config", os.devnull, *settings_flags(values)]
+
+
+def worker_env(environ: Mapping[str, str], placement_env: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: the fleet's without any ``EMBEDFLEET_*`` variable (a worker's settings are its
+    flags alone), plus the device placement's variables."""
+    # In any letter case: pydantic-settings matches variable names case-insensitively.
+    inherited = {k: v for k, v in environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    return {**inherited, **placement_env, "PYTHONUNBUFFERED": "1"}
 
 
 class Supervisor:
@@ -464,8 +469,8 @@ class Supervisor:
         instance.port = port
         place = placement(spec.device, self.settings.gpus)
         cmd = worker_command(spec, self.settings.host, port, place.device, self.settings.data_dir,
-                             self.settings.worker_log_level)
-        env = {**os.environ, **place.env, "PYTHONUNBUFFERED": "1"}
+                             self.settings.worker_log_level, self.settings.worker_log_format)
+        env = worker_env(os.environ, place.env)
         instance.log.note(f"starting on port {port} ({spec.device}): {' '.join(cmd[3:])}")
         instance.info = None
         instance.health_failures = 0

@@ -37,8 +37,9 @@ async def _check(spec: str, revision: str | None) -> dict[str, Any]:
     # The data dir is unused by the torch backend; a folder that exists keeps create_backend's contract.
     backend = await asyncio.to_thread(partial(create_backend, info, "torch", "cpu", info.path, threads=1))
     await asyncio.to_thread(backend.warmup)
+    # Every limit given: one request of one input, whatever the worker's defaults are.
     limits = Limits(max_batch_tokens=max(DEFAULT_BATCH_TOKENS, info.max_input_length), max_batch_requests=8,
-                    max_client_batch_size=8, tokenization_workers=1)
+                    max_client_batch_size=8, max_concurrent_requests=1, auto_truncate=True, tokenization_workers=1)
     engine = Engine(info, backend, limits)
     engine.start()
     try:

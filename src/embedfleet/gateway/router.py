@@ -1,7 +1,7 @@
 """Which model pool a request goes to.
 
 A request names its model with OpenAI's ``model`` field, an ``X-Model`` header or a
-``/models/{name}/...`` path prefix (rewritten to ``X-Model`` by :class:`ModelPrefix`). Without one,
+``/models/{name}/...`` path prefix (rewritten to ``X-Model`` by the edge). Without one,
 a route goes to the pool whose task fits it: /rerank to a reranker, /embed_sparse to a SPLADE model,
 /predict to a classifier, the embedding routes to an embedder. A name nobody serves is a 404 that
 lists the served models.
@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from embedfleet.api.errors import EmbedfleetError, ErrorType
+from embedfleet.api import errors
 from embedfleet.gateway.service import EmbeddingService
 
 ROUTE_TASKS: dict[str, tuple[str, ...]] = {
@@ -93,34 +91,24 @@ class ModelRouter:
             if found is not None:
                 return found
             if strict:
-                raise EmbedfleetError(ErrorType.VALIDATION,
-                                      f"model {model!r} is not served here; served models: {self._names()}",
-                                      status=404)
+                raise self._unknown(model)
         tasks = ROUTE_TASKS.get(route, EMBEDDING_TASKS)
         fitting = [s for s in self.services.values() if s.pool.info is None or s.pool.info.fingerprint.task in tasks]
         if len(self.services) == 1:
             return next(iter(self.services.values()))
         if not fitting:
-            raise EmbedfleetError(ErrorType.VALIDATION, f"no served model does {route}; served models: "
-                                  f"{self._names()}", status=404)
+            raise errors.not_found(f"no served model does {route}; served models: {self._names()}")
         if model and not strict and len(fitting) > 1:
-            raise EmbedfleetError(ErrorType.VALIDATION,
-                                  f"model {model!r} is not served here; served models: {self._names()}", status=404)
+            raise self._unknown(model)
         return fitting[0]
 
+    def default(self, model: str | None = None) -> EmbeddingService:
+        """The pool a request without a route of its own goes to (``POST /``): the one named, else the first."""
+        if model:
+            return self.pick("/", model)
+        if not self.services:
+            raise errors.not_found("no model is served yet")
+        return next(iter(self.services.values()))
 
-class ModelPrefix:
-    """ASGI middleware: ``/models/{name}/embed`` becomes ``/embed`` with ``X-Model: name``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith("/models/"):
-            name, _, rest = path[len("/models/"):].partition("/")
-            if name and rest:
-                headers = [(k, v) for k, v in scope["headers"] if k != b"x-model"]
-                scope = {**scope, "path": "/" + rest, "raw_path": ("/" + rest).encode(),
-                         "headers": [*headers, (b"x-model", name.encode())]}
-        await self.app(scope, receive, send)
+    def _unknown(self, model: str) -> errors.EdgeError:
+        return errors.not_found(f"model {model!r} is not served here; served models: {self._names()}")

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client.registry import Collector
 
-from embedfleet.api.http import KEEP_ALIVE_S
+from embedfleet.api.auth import Auth, read_key_file
+from embedfleet.api.edge import freeze_startup_objects, server_config
 from embedfleet.cache.memory import MemoryStore
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.cache.urls import open_store
 from embedfleet.config import GatewaySettings
 from embedfleet.gateway.app import create_gateway_app
-from embedfleet.gateway.auth import KeyCheck, read_key_file
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import EmbeddingService
 from embedfleet.gateway.upstream import Pool
@@ -43,12 +40,12 @@ def parse_upstreams(specs: list[str]) -> dict[str, list[str]]:
 
 @dataclass
 class Gateway:
-    """The gateway app and the parts the fleet drives: the model router, the cache and the key check."""
+    """The gateway app and the parts the fleet drives: the model router, the cache and the keys."""
 
     app: FastAPI
     router: ModelRouter
     cache: TieredCache
-    keys: KeyCheck
+    auth: Auth
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -77,7 +74,7 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
     router = ModelRouter({p.name: EmbeddingService(p, cache, settings.max_client_batch_size) for p in pools},
                          factory=new_service if dynamic else None)
     api_keys = [*settings.api_key, *(read_key_file(settings.api_key_file) if settings.api_key_file else [])]
-    keys = KeyCheck(api_keys, settings.admin_key)
+    auth = Auth(api_keys, settings.admin_key)
 
     async def startup() -> None:
         await asyncio.gather(*(p.start() for p in pools))
@@ -92,9 +89,7 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
                  settings.memory_cache_bytes // (1024 * 1024), len(pools))
         if on_startup is not None:
             await on_startup()
-        # Start-up objects (models, modules) never die: keep them out of every full GC pass,
-        # whose pauses were the p99 under load.
-        gc.freeze()
+        freeze_startup_objects()
 
     async def shutdown() -> None:
         try:
@@ -105,21 +100,14 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
             await asyncio.gather(*(s.pool.close() for s in router.services.values()))
 
     app = create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
-                             cache_enabled=settings.cache != "none", keys=keys, cors_origins=settings.cors_origin,
+                             cache_enabled=settings.cache != "none", auth=auth, cors_origins=settings.cors_origin,
                              on_startup=startup, on_shutdown=shutdown, collectors=collectors)
-    return Gateway(app, router, cache, keys)
+    return Gateway(app, router, cache, auth)
 
 
 def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
-    """The server's config: HTTPS and mTLS when configured; SIGTERM drains for up to 10 s."""
-    tls: dict[str, Any] = {}
-    if settings.tls_cert is not None:
-        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
-        if settings.tls_client_ca is not None:
-            tls |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
-                          access_log=False, timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S,
-                          lifespan="on", **tls)
+    """The server's config: HTTPS and mTLS when configured."""
+    return server_config(app, settings.host, settings.port, settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
 def serve(app: FastAPI, settings: GatewaySettings) -> None:

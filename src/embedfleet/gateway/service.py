@@ -10,6 +10,7 @@ gets every vector or an error.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from embedfleet.api import binary, errors
-from embedfleet.api.schemas import TruncationDirection
+from embedfleet.api import binary
 from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
-from embedfleet.cache.memory import B64, JSON, TOKENS, VECTOR, Entry, MemoryStore, render_b64, render_json
+from embedfleet.cache.memory import B64, JSON, TOKENS, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
+from embedfleet.engine import errors
+from embedfleet.engine.errors import EngineError
+from embedfleet.engine.tokenization import TruncationDirection
 from embedfleet.gateway.upstream import Pool, Reply, UpstreamInfo
 
 
@@ -54,11 +57,6 @@ class EmbedResult:
     memory: MemoryStore | None = None
     served: Sequence[bytes | None] = ()
     """Per row, the key of a row the memory tier answered (its rendered forms are worth keeping there)."""
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """The vectors as one float32 array, in input order."""
-        return np.stack([row[VECTOR] for row in self.rows if row[VECTOR] is not None])
 
     def json_rows(self) -> list[bytes]:
         """Each vector as a JSON array (kept in the memory tier for rows it answered)."""
@@ -105,6 +103,42 @@ budget would only add HTTP round trips for the same batches."""
 HasherKey = tuple[ModelFingerprint, bool, bool, str, str | None, int | None]
 
 
+@dataclass
+class _Request:
+    """One request's inputs by cache key. Token-id inputs have no text to key on: they are computed, never
+    cached."""
+
+    input_keys: list[bytes | None]
+    """Each input's key (None for token ids), in input order."""
+    texts: dict[bytes, str]
+    """The text of each unique key, in first-seen order."""
+    first: dict[bytes, int]
+    """The position of each unique key's first input."""
+    raw: list[tuple[int, list[int]]]
+    """The token-id inputs and their positions."""
+
+    @property
+    def unique(self) -> list[bytes]:
+        """The unique keys, in first-seen order."""
+        return list(self.texts)
+
+    @classmethod
+    def of(cls, inputs: Sequence[str | list[int]], hasher: KeyHasher) -> _Request:
+        """Key every text input."""
+        request = cls([], {}, {}, [])
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                key = hasher.key(item)
+                if key not in request.texts:
+                    request.texts[key] = item
+                    request.first[key] = i
+                request.input_keys.append(key)
+            else:
+                request.input_keys.append(None)
+                request.raw.append((i, item))
+        return request
+
+
 class EmbeddingService:
     """Embeddings of one model pool, through the cache."""
 
@@ -144,101 +178,112 @@ class EmbeddingService:
     async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
                     direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
                     dimensions: int | None = None, policy: CachePolicy = CachePolicy()) -> EmbedResult:
-        """Vectors for the inputs, from the cache where possible."""
-        if not inputs:
-            raise errors.empty()
-        if len(inputs) > self.max_client_batch_size:
-            raise errors.validation(
-                f"batch size {len(inputs)} > maximum allowed batch size {self.max_client_batch_size}")
+        """Vectors for the inputs, from the cache where possible: key, look up, claim, compute, merge."""
+        errors.check_batch_size(len(inputs), self.max_client_batch_size)
         info = self._info()
         if truncate is None:
             truncate = info.auto_truncate
-        hasher = self._hasher((info.fingerprint, normalize, truncate, direction.value, prompt_name, dimensions))
+        request = _Request.of(inputs, self._hasher((info.fingerprint, normalize, truncate, direction.value,
+                                                    prompt_name, dimensions)))
+        found, from_memory = await self._lookup(request, policy)
+        if len(found) == len(request.unique) and not request.raw:
+            return self._all_hits(request, found, from_memory)
+        mine, waiting = self._claim(request, found)
+        body: dict[str, Any] = {"normalize": normalize, "truncate": truncate,
+                                "truncation_direction": direction.value.capitalize()}
+        if prompt_name is not None:
+            body["prompt_name"] = prompt_name
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        computed = await self._compute_own(request, mine, body, policy)
+        return await self._merge(request, found, from_memory, mine, computed, waiting)
 
-        # Token-id inputs have no text to key on: they are computed, never cached.
-        keyed: dict[bytes, str] = {}
-        input_keys: list[bytes | None] = []
-        raw: list[tuple[int, list[int]]] = []
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                key = hasher.key(item)
-                keyed.setdefault(key, item)
-                input_keys.append(key)
-            else:
-                input_keys.append(None)
-                raw.append((i, item))
-        unique = list(keyed)
-        found: dict[bytes, Entry] = {}
-        from_memory: set[bytes] = set()
-        if unique and policy.read:
-            entries, missing = self.cache.lookup_memory(unique)
-            if missing:
-                from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
-                await self.cache.lookup_rest(unique, entries, missing)
-            elif not raw:  # every input hit: no futures, no task, no waiting
-                hits = len(unique)
-                self.hits += hits
-                served: list[bytes | None] = list(unique)
-                if hits != len(inputs):  # duplicates in the request
-                    by_key = dict(zip(unique, entries, strict=True))
-                    entries = [by_key[k] for k in input_keys if k is not None]
-                    served = input_keys
-                return EmbedResult([e for e in entries if e is not None], hits=hits, misses=0,
-                                   memory=self.cache.memory, served=served)
-            for key, entry in zip(unique, entries, strict=True):
-                if entry is not None:
-                    found[key] = entry
-        hits = len(found)
+    async def _lookup(self, request: _Request, policy: CachePolicy) -> tuple[dict[bytes, Entry], set[bytes]]:
+        """The cached entries of the request's keys (one round trip per tier), and which the memory tier had."""
+        unique = request.unique
+        if not unique or not policy.read:
+            return {}, set()
+        entries, missing = self.cache.lookup_memory(unique)
+        if missing:
+            from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
+            await self.cache.lookup_rest(unique, entries, missing)
+        else:
+            from_memory = set(unique)
+        return {k: e for k, e in zip(unique, entries, strict=True) if e is not None}, from_memory
 
-        waiting: dict[bytes, asyncio.Future[Entry]] = {}
+    def _all_hits(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes]) -> EmbedResult:
+        """Every input was cached: no futures, no task, no waiting."""
+        hits = len(request.unique)
+        self.hits += hits
+        keys = [k for k in request.input_keys if k is not None]
+        return EmbedResult([found[k] for k in keys], hits=hits, misses=0, memory=self.cache.memory,
+                           served=[k if k in from_memory else None for k in keys])
+
+    def _claim(self, request: _Request, found: dict[bytes, Entry]) -> tuple[dict[bytes, asyncio.Future[Entry]],
+                                                                               dict[bytes, asyncio.Future[Entry]]]:
+        """Split the misses into keys this request computes (claimed, with a future for others to wait on)
+        and keys another request is already computing (awaited: single-flight)."""
         mine: dict[bytes, asyncio.Future[Entry]] = {}
+        waiting: dict[bytes, asyncio.Future[Entry]] = {}
         loop = asyncio.get_running_loop()
-        for key in unique:
+        for key in request.unique:
             if key in found:
                 continue
             if key in self._in_flight:
                 waiting[key] = self._in_flight[key]
             else:
                 mine[key] = self._in_flight[key] = loop.create_future()
+        return mine, waiting
 
-        # The computation is its own task: if this client goes away, the requests waiting on the
-        # same keys still get their vectors, and the cache still gets them.
-        computed: list[Entry] = []
-        if mine or raw:
-            body: dict[str, Any] = {"normalize": normalize, "truncate": truncate,
-                                    "truncation_direction": direction.value.capitalize()}
-            if prompt_name is not None:
-                body["prompt_name"] = prompt_name
-            if dimensions is not None:
-                body["dimensions"] = dimensions
-            task = asyncio.get_running_loop().create_task(
-                self._resolve(mine, [keyed[k] for k in mine], [item for _, item in raw], body, policy))
-            self._tasks.add(task)  # a strong reference until done
-            task.add_done_callback(self._tasks.discard)
-            computed = await asyncio.shield(task)
+    async def _compute_own(self, request: _Request, mine: dict[bytes, asyncio.Future[Entry]], body: dict[str, Any],
+                           policy: CachePolicy) -> list[Entry]:
+        """Compute the claimed keys and the token-id inputs. The computation is its own task: if this client
+        goes away, the requests waiting on the same keys still get their vectors, and the cache still gets
+        them. An error about one input names the client's position of it."""
+        if not mine and not request.raw:
+            return []
+        items: list[str | list[int]] = [*(request.texts[k] for k in mine), *(item for _, item in request.raw)]
+        task = asyncio.get_running_loop().create_task(self._resolve(mine, items, body, policy))
+        self._tasks.add(task)  # a strong reference until done
+        task.add_done_callback(self._tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except EngineError as exc:
+            if exc.input is None:
+                raise
+            positions = [*(request.first[k] for k in mine), *(i for i, _ in request.raw)]
+            raise exc.at(positions[exc.input]) from None
+
+    async def _merge(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes],
+                     mine: dict[bytes, asyncio.Future[Entry]], computed: list[Entry],
+                     waiting: dict[bytes, asyncio.Future[Entry]]) -> EmbedResult:
+        """Every input's entry, in input order: cached, computed here, or computed by another request."""
+        hits = len(found)
         for key, entry in zip(mine, computed, strict=False):
             found[key] = entry
         for key, fut in waiting.items():
             found[key] = await fut
-
-        raw_entries = dict(zip((i for i, _ in raw), computed[len(mine):], strict=True))
-        rows = [found[k] if k is not None else raw_entries[i] for i, k in enumerate(input_keys)]
-        result = EmbedResult(rows, hits=hits, misses=len(unique) - hits + len(raw), memory=self.cache.memory,
-                             served=[k if k in from_memory else None for k in input_keys] if from_memory else ())
+        raw_entries = dict(zip((i for i, _ in request.raw), computed[len(mine):], strict=True))
+        rows = [found[k] if k is not None else raw_entries[i] for i, k in enumerate(request.input_keys)]
+        served = [k if k in from_memory else None for k in request.input_keys] if from_memory else ()
+        result = EmbedResult(rows, hits=hits, misses=len(request.unique) - hits + len(request.raw),
+                             memory=self.cache.memory, served=served)
         self.hits += result.hits
         self.misses += result.misses
         return result
 
-    async def _resolve(self, mine: dict[bytes, asyncio.Future[Entry]], texts: list[str],
-                       raw: list[list[int]], body: dict[str, Any], policy: CachePolicy) -> list[Entry]:
+    async def _resolve(self, mine: dict[bytes, asyncio.Future[Entry]], items: list[str | list[int]],
+                       body: dict[str, Any], policy: CachePolicy) -> list[Entry]:
         """Compute this request's own misses (and raw inputs), settle their futures, cache them."""
         try:
-            vectors, tokens = await self._compute([*texts, *raw], body)
+            vectors, tokens = await self._compute(items, body)
             computed = [self.cache.entry(v, t) for v, t in zip(vectors, tokens, strict=True)]
         except Exception as exc:
+            # Waiters get the error without this request's position of the input at fault.
+            shared = exc.at(None) if isinstance(exc, EngineError) else exc
             for key, fut in mine.items():
                 self._in_flight.pop(key, None)
-                fut.set_exception(exc)
+                fut.set_exception(shared)
                 fut.exception()  # marked retrieved: waiters re-raise it, nobody logs "never retrieved"
             raise
         for (key, fut), entry in zip(mine.items(), computed, strict=False):
@@ -270,10 +315,16 @@ class EmbeddingService:
         per_chunk = min(max(1, info.max_client_batch_size), -(-len(items) // replicas))
         chunks = split(ranked, per_chunk, max(info.max_batch_tokens, CALL_TOKENS), estimate)
         self.upstream_inputs += len(items)
-        results = await asyncio.gather(
-            *(self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
-                             parse=read_embeddings, accept=binary.ACCEPT)
-              for chunk in chunks))
+        starts = list(itertools.accumulate((len(c) for c in chunks[:-1]), initial=0))
+
+        async def call(chunk: list[str | list[int]], start: int) -> tuple[np.ndarray, np.ndarray | None]:
+            try:
+                return await self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
+                                            parse=read_embeddings, accept=binary.ACCEPT)
+            except EngineError as exc:  # name the input by its position in ``items``
+                raise (exc if exc.input is None else exc.at(order[start + exc.input])) from None
+
+        results = await asyncio.gather(*(call(chunk, start) for chunk, start in zip(chunks, starts, strict=True)))
         vectors: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
         tokens = [0] * len(items)
         position = iter(order)

@@ -1,13 +1,13 @@
 """Upstreams: the worker replicas (or TEI servers) behind the gateway, pooled per model.
 
-Each upstream has one keep-alive HTTP client: aiohttp's, which costs about 0.15 ms of CPU a call
-here against about 1 ms for httpx's (its anyio and httpcore layers), and the gateway's CPU is what
-every miss pays on top of the worker's. A pool sends each call to the healthy replica with
+Each upstream has one keep-alive HTTP client: aiohttp's, which costs several times less CPU a call
+than httpx's (its anyio and httpcore layers), and the gateway's CPU is what every miss pays on top of
+the worker's. A pool sends each call to the healthy replica with
 the fewest inputs in flight; a connection error, timeout or 5xx ejects the replica at once
 (passive) and the call is retried on another; an active check polls /health and re-admits
 replicas that answer 200. A kept-alive connection that the replica dropped as the call went out is
 not a failure: the call goes once more to the same replica, on another connection. A 4xx is the
-client's error and is passed through unchanged.
+client's error and is passed through as the error it reports.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from embedfleet.api import errors
-from embedfleet.api.errors import EmbedfleetError, ErrorType
+from embedfleet.api import errors as edge_errors
+from embedfleet.api.edge import INPUT_HEADER
+from embedfleet.api.errors import EdgeError
 from embedfleet.cache.keys import ModelFingerprint
+from embedfleet.engine import errors
+from embedfleet.engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class Reply:
     content_type: str
     body: bytes
     reason: str = ""
+    input: int | None = None
+    """On an error about one input, its position in the call's batch (our workers say which)."""
 
 
 class UpstreamFailed(Exception):
@@ -52,7 +57,7 @@ FAILURES = (aiohttp.ClientError, TimeoutError, UpstreamFailed, ValueError)
 
 UPSTREAM_IDLE_S = 30.0
 """How long the gateway keeps an idle connection to a replica: below the workers' own idle timeout
-(``api.http.KEEP_ALIVE_S``), so the gateway, not the worker, closes idle connections."""
+(``api.edge.KEEP_ALIVE_S``), so the gateway, not the worker, closes idle connections."""
 
 
 def _dropped_before_answer(exc: BaseException) -> bool:
@@ -96,16 +101,20 @@ class UpstreamInfo:
                    bool(info.get("auto_truncate", False)), info)
 
 
-def _upstream_error(reply: Reply) -> EmbedfleetError:
-    """An upstream's error answer, with its status and TEI error type kept."""
+def _upstream_error(reply: Reply) -> EngineError | EdgeError:
+    """An upstream's 4xx answer as the error it reports (TEI's ``error_type``, else what its status means).
+    An error about one input keeps that input's position in the call, for the caller to map to its own."""
     text = reply.body.decode(errors="replace")
     try:
         body = orjson.loads(reply.body)
         message = str(body.get("error") or body.get("message") or text)
-        kind = ErrorType(body.get("error_type", "Backend"))
+        error = edge_errors.from_type(str(body.get("error_type")), message, reply.status)
     except (orjson.JSONDecodeError, ValueError, AttributeError):
-        message, kind = text or reply.reason, ErrorType.BACKEND
-    return EmbedfleetError(kind, message, status=reply.status)
+        error = edge_errors.from_status(reply.status, text or reply.reason)
+    if isinstance(error, EngineError) and reply.input is not None:
+        suffix = f" (input {reply.input})"
+        return EngineError(error.kind, error.detail.removesuffix(suffix), reply.input)
+    return error
 
 
 class Upstream:
@@ -131,7 +140,9 @@ class Upstream:
                     data: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
         async with self.session.request(method, route, data=data, headers=headers,
                                         timeout=timeout or self.timeout) as r:
-            return Reply(r.status, r.content_type, await r.read(), r.reason or "")
+            position = r.headers.get(INPUT_HEADER)
+            return Reply(r.status, r.content_type, await r.read(), r.reason or "",
+                         int(position) if position is not None and position.isdigit() else None)
 
     async def _send(self, route: str, data: bytes, headers: dict[str, str]) -> Reply:
         """POST once, and once more where the connection was dropped before any answer."""
@@ -161,7 +172,7 @@ class Upstream:
 
     async def post(self, route: str, body: dict[str, Any], weight: int, parse: Callable[[Reply], T],
                    accept: str | None = None) -> T:
-        """POST JSON; returns ``parse(reply)``. Raises EmbedfleetError for a 4xx, and one of
+        """POST JSON; returns ``parse(reply)``. Raises the client's error for a 4xx, and one of
         :data:`FAILURES` where the replica failed the call (5xx, connection, timeout, unreadable body)."""
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
@@ -275,7 +286,7 @@ class Pool:
                 self.retried += 1
             try:
                 return await upstream.post(route, body, weight, parse, accept)
-            except EmbedfleetError:
+            except (EngineError, EdgeError):
                 raise
             except FAILURES as exc:
                 last = exc

@@ -1,8 +1,9 @@
 """The worker's HTTP API: text-embeddings-inference's routes plus OpenAI's /v1/embeddings.
 
 The server listens at once and loads the model in a thread; until it is ready every inference
-route answers 503 Unhealthy, as /health does. Handlers validate, call the engine, and serialise
-with orjson; every failure leaves as TEI's error body (OpenAI's on /v1/*) with its status code.
+route answers 503 Unhealthy, as /health does. Handlers are plain functions of a request and the
+:class:`WorkerState` (a FastAPI dependency): they validate, call the engine, and serialise with
+orjson. Errors leave through the shared edge (``embedfleet.api.edge``).
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from embedfleet import __version__
-from embedfleet.api import binary, errors
-from embedfleet.api.errors import EmbedfleetError
-from embedfleet.api.http import BodyLimit, install_error_handlers, json_response, lifespan
+from embedfleet.api import binary
+from embedfleet.api.edge import Edge, batch, install_error_handlers, json_response, lifespan, parse_body
 from embedfleet.api.schemas import (
     DecodeRequest,
     EmbedAllRequest,
@@ -38,20 +38,19 @@ from embedfleet.api.schemas import (
     SimpleToken,
     SparseValue,
     TokenizeRequest,
-    TruncationDirection,
 )
+from embedfleet.engine import errors
+from embedfleet.engine.errors import EngineError
 from embedfleet.engine.infer import Engine, Stats
 from embedfleet.engine.model import Task
+from embedfleet.engine.tokenization import TruncationDirection
 
 log = logging.getLogger("embedfleet.worker")
 access_log = logging.getLogger("embedfleet.worker.access")
 
-_TEI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429, 503)
-}
-_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorResponse} for code in (400, 413, 422, 424, 429, 503)
-}
+_ERROR_STATUSES = (400, 413, 422, 424, 429, 503)
+_TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in _ERROR_STATUSES}
+_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in _ERROR_STATUSES}
 
 
 class WorkerState:
@@ -80,6 +79,16 @@ class WorkerState:
         return self.engine.info.model_id if self.engine else "unknown"
 
 
+async def worker_state(request: Request) -> WorkerState:
+    """The state of the app serving the request (a dependency; async, so it runs on the event loop)."""
+    state: WorkerState = request.app.state.worker
+    return state
+
+
+State = Annotated[WorkerState, Depends(worker_state)]
+Work = Callable[[Engine, Stats], Awaitable[Any]]
+
+
 def _timing_headers(state: WorkerState, stats: Stats) -> dict[str, str]:
     total = time.perf_counter() - stats.started
 
@@ -98,230 +107,224 @@ def _timing_headers(state: WorkerState, stats: Stats) -> dict[str, str]:
     }
 
 
-def _inputs(value: str | list[Any]) -> list[str | list[int]]:
-    """Normalise TEI's Input (one input or a batch; each a text or token ids) to a batch."""
-    if isinstance(value, str):
-        return [value]
-    if value and all(isinstance(v, int) for v in value):
-        return [value]  # one sequence of token ids
-    return list(value)
+async def _answer(state: WorkerState, method: str, work: Work, as_binary: bool = False) -> Response:
+    """Admit the request, run ``work`` on the engine, count it, and answer with TEI's timing headers."""
+    engine = state.ready()
+    stats = Stats()
+    m = engine.metrics
+    m.request_count.labels(method).inc()
+    async with engine.admit():
+        body = await work(engine, stats)
+    m.request_success.labels(method).inc()
+    m.request_duration.labels(method).observe(time.perf_counter() - stats.started)
+    if as_binary:
+        return Response(binary.encode(*body), media_type=binary.MEDIA_TYPE, headers=_timing_headers(state, stats))
+    return json_response(body, headers=_timing_headers(state, stats))
 
 
-def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | None = None,
-               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    """The worker's FastAPI application over ``state``."""
+router = APIRouter()
 
-    app = FastAPI(
-        title="embedfleet worker",
-        description="Text-embeddings-inference compatible inference replica (embeddings, sparse, rerank).",
-        version=__version__,
-        lifespan=lifespan(on_startup, on_shutdown),
-    )
-    app.add_middleware(BodyLimit, limit=state.payload_limit)  # type: ignore[arg-type]
 
-    def _count_failure(exc: EmbedfleetError) -> None:
-        if state.engine is not None:
-            state.engine.metrics.request_failure.labels(exc.error_type.value.lower()).inc()
+# ----- TEI routes -----
 
-    install_error_handlers(app, _count_failure, access_log)
+@router.post("/embed", response_model=list[list[float]], responses=_TEI_ERRORS, tags=["TEI"])
+async def embed(req: EmbedRequest, request: Request, state: State) -> Response:
+    """Pooled embeddings. With ``Accept: application/x-embedfleet-embeddings``, float32 bytes and each
+    input's token count instead of JSON (what the gateway asks for)."""
+    as_binary = binary.accepts(request.headers.get("accept"))
 
-    async def _handle(name: str, work: Callable[[Engine, Stats], Awaitable[Any]],
-                      binary_body: bool = False) -> Response:
-        engine = state.ready()
-        stats = Stats()
-        m = engine.metrics
-        m.request_count.labels(name).inc()
-        async with engine.admit():
-            body = await work(engine, stats)
-        m.request_success.labels(name).inc()
-        m.request_duration.labels(name).observe(time.perf_counter() - stats.started)
-        if binary_body:
-            return Response(binary.encode(*body), media_type=binary.MEDIA_TYPE, headers=_timing_headers(state, stats))
-        return json_response(body, headers=_timing_headers(state, stats))
+    async def work(engine: Engine, stats: Stats) -> Any:
+        vectors = await engine.embed(batch(req.inputs), normalize=req.normalize, truncate=req.truncate,
+                                     direction=req.truncation_direction, prompt_name=req.prompt_name,
+                                     dimensions=req.dimensions, stats=stats)
+        return (vectors, stats.lengths) if as_binary else vectors
 
-    # ----- TEI routes -----
+    return await _answer(state, "embed", work, as_binary)
 
-    @app.post("/embed", response_model=list[list[float]], responses=_TEI_ERRORS, tags=["TEI"])
-    async def embed(req: EmbedRequest, request: Request) -> Response:
-        """Pooled embeddings. With ``Accept: application/x-embedfleet-embeddings``, float32 bytes and each
-        input's token count instead of JSON (what the gateway asks for)."""
-        as_binary = binary.accepts(request.headers.get("accept"))
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            vectors = await engine.embed(_inputs(req.inputs), normalize=req.normalize, truncate=req.truncate,
-                                         direction=req.truncation_direction, prompt_name=req.prompt_name,
-                                         dimensions=req.dimensions, stats=stats)
-            return (vectors, stats.lengths) if as_binary else vectors
+@router.post("/embed_all", response_model=list[list[list[float]]], responses=_TEI_ERRORS, tags=["TEI"])
+async def embed_all(req: EmbedAllRequest, state: State) -> Response:
+    """Token embeddings of every input."""
 
-        return await _handle("embed", work, binary_body=as_binary)
+    async def work(engine: Engine, stats: Stats) -> Any:
+        return await engine.embed_all(batch(req.inputs), truncate=req.truncate, direction=req.truncation_direction,
+                                      prompt_name=req.prompt_name, stats=stats)
 
-    @app.post("/embed_all", response_model=list[list[list[float]]], responses=_TEI_ERRORS, tags=["TEI"])
-    async def embed_all(req: EmbedAllRequest) -> Response:
-        """Token embeddings of every input."""
+    return await _answer(state, "embed_all", work)
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.embed_all(_inputs(req.inputs), truncate=req.truncate,
-                                          direction=req.truncation_direction, prompt_name=req.prompt_name,
-                                          stats=stats)
 
-        return await _handle("embed_all", work)
+@router.post("/embed_sparse", response_model=list[list[SparseValue]], responses=_TEI_ERRORS, tags=["TEI"])
+async def embed_sparse(req: EmbedSparseRequest, state: State) -> Response:
+    """SPLADE sparse embeddings: the non-zero entries of each vector."""
 
-    @app.post("/embed_sparse", response_model=list[list[SparseValue]], responses=_TEI_ERRORS, tags=["TEI"])
-    async def embed_sparse(req: EmbedSparseRequest) -> Response:
-        """SPLADE sparse embeddings: the non-zero entries of each vector."""
+    async def work(engine: Engine, stats: Stats) -> Any:
+        out = await engine.embed_sparse(batch(req.inputs), truncate=req.truncate, direction=req.truncation_direction,
+                                        prompt_name=req.prompt_name, stats=stats)
+        return [[{"index": int(i), "value": float(v)} for i, v in zip(idx, val, strict=True)] for idx, val in out]
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            out = await engine.embed_sparse(_inputs(req.inputs), truncate=req.truncate,
-                                            direction=req.truncation_direction, prompt_name=req.prompt_name,
-                                            stats=stats)
-            return [[{"index": int(i), "value": float(v)} for i, v in zip(idx, val, strict=True)]
-                    for idx, val in out]
+    return await _answer(state, "embed_sparse", work)
 
-        return await _handle("embed_sparse", work)
 
-    @app.post("/rerank", response_model=list[Rank], responses=_TEI_ERRORS, tags=["TEI"])
-    async def rerank(req: RerankRequest) -> Response:
-        """Score texts against a query; results sorted by score, best first."""
+@router.post("/rerank", response_model=list[Rank], responses=_TEI_ERRORS, tags=["TEI"])
+async def rerank(req: RerankRequest, state: State) -> Response:
+    """Score texts against a query; results sorted by score, best first."""
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            scores = await engine.rerank(req.query, req.texts, raw_scores=req.raw_scores, truncate=req.truncate,
-                                         direction=req.truncation_direction, stats=stats)
-            order = np.argsort(-scores, kind="stable")
-            ranks = []
-            for i in order:
-                rank: dict[str, Any] = {"index": int(i), "score": float(scores[i])}
-                if req.return_text:
-                    rank["text"] = req.texts[i]
-                ranks.append(rank)
-            return ranks
+    async def work(engine: Engine, stats: Stats) -> Any:
+        scores = await engine.rerank(req.query, req.texts, raw_scores=req.raw_scores, truncate=req.truncate,
+                                     direction=req.truncation_direction, stats=stats)
+        ranks = []
+        for i in np.argsort(-scores, kind="stable"):
+            rank: dict[str, Any] = {"index": int(i), "score": float(scores[i])}
+            if req.return_text:
+                rank["text"] = req.texts[i]
+            ranks.append(rank)
+        return ranks
 
-        return await _handle("rerank", work)
+    return await _answer(state, "rerank", work)
 
-    @app.post("/predict", response_model=list[Prediction] | list[list[Prediction]], responses=_TEI_ERRORS,
-              tags=["TEI"])
-    async def predict(req: PredictRequest) -> Response:
-        """Class scores for a text, a pair, or a batch of texts and pairs."""
-        batch, single = _predict_inputs(req.inputs)
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            scores = await engine.predict(batch, raw_scores=req.raw_scores, truncate=req.truncate,
-                                          direction=req.truncation_direction, stats=stats)
-            labels = engine.info.id2label
-            out = [
-                [{"score": float(s[j]), "label": labels.get(int(j), f"LABEL_{j}")} for j in np.argsort(-s)]
-                for s in scores
-            ]
-            return out[0] if single else out
+@router.post("/predict", response_model=list[Prediction] | list[list[Prediction]], responses=_TEI_ERRORS,
+             tags=["TEI"])
+async def predict(req: PredictRequest, state: State) -> Response:
+    """Class scores for a text, a pair, or a batch of texts and pairs."""
+    inputs, single = predict_inputs(req.inputs)
 
-        return await _handle("predict", work)
+    async def work(engine: Engine, stats: Stats) -> Any:
+        scores = await engine.predict(inputs, raw_scores=req.raw_scores, truncate=req.truncate,
+                                      direction=req.truncation_direction, stats=stats)
+        labels = engine.info.id2label
+        out = [[{"score": float(s[j]), "label": labels.get(int(j), f"LABEL_{j}")} for j in np.argsort(-s)]
+               for s in scores]
+        return out[0] if single else out
 
-    @app.post("/similarity", response_model=list[float], responses=_TEI_ERRORS, tags=["TEI"])
-    async def similarity(req: SimilarityRequest) -> Response:
-        """Cosine similarity of each sentence to the source sentence."""
-        params = req.parameters
+    return await _answer(state, "predict", work)
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.similarity(
-                req.inputs.source_sentence, req.inputs.sentences,
-                truncate=params.truncate if params else None,
-                direction=params.truncation_direction if params else TruncationDirection.RIGHT,
-                prompt_name=params.prompt_name if params else None, stats=stats)
 
-        return await _handle("similarity", work)
+@router.post("/similarity", response_model=list[float], responses=_TEI_ERRORS, tags=["TEI"])
+async def similarity(req: SimilarityRequest, state: State) -> Response:
+    """Cosine similarity of each sentence to the source sentence."""
+    params = req.parameters
 
-    @app.post("/tokenize", response_model=list[list[SimpleToken]], responses=_TEI_ERRORS, tags=["TEI"])
-    async def tokenize(req: TokenizeRequest) -> Response:
-        """Tokens of each input, with character offsets."""
-        inputs = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+    async def work(engine: Engine, stats: Stats) -> Any:
+        return await engine.similarity(
+            req.inputs.source_sentence, req.inputs.sentences, truncate=params.truncate if params else None,
+            direction=params.truncation_direction if params else TruncationDirection.RIGHT,
+            prompt_name=params.prompt_name if params else None, stats=stats)
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.tokenize(inputs, req.add_special_tokens, req.prompt_name)
+    return await _answer(state, "similarity", work)
 
-        return await _handle("tokenize", work)
 
-    @app.post("/decode", response_model=list[str], responses=_TEI_ERRORS, tags=["TEI"])
-    async def decode(req: DecodeRequest) -> Response:
-        """Token ids back to text."""
-        ids = [req.ids] if req.ids and isinstance(req.ids[0], int) else req.ids
+@router.post("/tokenize", response_model=list[list[SimpleToken]], responses=_TEI_ERRORS, tags=["TEI"])
+async def tokenize(req: TokenizeRequest, state: State) -> Response:
+    """Tokens of each input, with character offsets."""
+    inputs = [req.inputs] if isinstance(req.inputs, str) else req.inputs
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            return await engine.decode(ids, req.skip_special_tokens)  # type: ignore[arg-type]
+    async def work(engine: Engine, stats: Stats) -> Any:
+        return await engine.tokenize(inputs, req.add_special_tokens, req.prompt_name)
 
-        return await _handle("decode", work)
+    return await _answer(state, "tokenize", work)
 
-    # ----- OpenAI -----
 
-    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS, tags=["OpenAI"])
-    @app.post("/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS,
-              include_in_schema=False)
-    async def openai_embeddings(req: OpenAIEmbeddingRequest) -> Response:
-        """OpenAI-compatible embeddings (float or base64 little-endian float32)."""
+@router.post("/decode", response_model=list[str], responses=_TEI_ERRORS, tags=["TEI"])
+async def decode(req: DecodeRequest, state: State) -> Response:
+    """Token ids back to text."""
+    ids = [req.ids] if req.ids and isinstance(req.ids[0], int) else req.ids
 
-        async def work(engine: Engine, stats: Stats) -> Any:
-            vectors = await engine.embed(_inputs(req.input), normalize=True, dimensions=req.dimensions,
-                                         stats=stats)
-            if req.encoding_format == "base64":
-                data = [{"object": "embedding", "index": i,
-                         "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
-                        for i, v in enumerate(vectors)]
-            else:
-                data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-            return {"object": "list", "data": data, "model": state.model_name,
-                    "usage": {"prompt_tokens": stats.tokens, "total_tokens": stats.tokens}}
+    async def work(engine: Engine, stats: Stats) -> Any:
+        return await engine.decode(ids, req.skip_special_tokens)  # type: ignore[arg-type]
 
-        return await _handle("openai", work)
+    return await _answer(state, "decode", work)
 
-    @app.get("/v1/models", tags=["OpenAI"])
-    async def openai_models() -> Response:
-        """The one model this worker serves."""
-        state.ready()
-        return json_response({"object": "list", "data": [
-            {"id": state.model_name, "object": "model", "created": 0, "owned_by": "embedfleet"}]})
 
-    # ----- operations -----
+@router.post("/", responses=_TEI_ERRORS, tags=["TEI"])
+@router.post("/invocations", responses=_TEI_ERRORS, tags=["TEI"])
+async def invocations(request: Request, state: State) -> Response:
+    """The model's task route, as TEI serves it at ``/`` and ``/invocations`` (SageMaker): ``/embed`` for
+    an embedder, ``/embed_sparse`` for SPLADE, ``/rerank`` for a reranker, ``/predict`` for a classifier."""
+    task = state.ready().info.task
+    if task is Task.SPARSE:
+        return await embed_sparse(await parse_body(request, EmbedSparseRequest), state)
+    if task is Task.RERANKER:
+        return await rerank(await parse_body(request, RerankRequest), state)
+    if task is Task.CLASSIFIER:
+        return await predict(await parse_body(request, PredictRequest), state)
+    return await embed(await parse_body(request, EmbedRequest), request, state)
 
-    @app.get("/info", response_model=Info, tags=["TEI"])
-    async def info() -> Response:
-        """Model and limits of this replica."""
-        engine = state.ready()
-        i = engine.info
-        lim = engine.limits
-        if i.task is Task.EMBEDDING or i.task is Task.SPARSE:
-            model_type: dict[str, Any] = {"embedding": {"pooling": i.pooling.value if i.pooling else "mean"}}
+
+# ----- OpenAI -----
+
+@router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS, tags=["OpenAI"])
+@router.post("/embeddings", response_model=OpenAIEmbeddingResponse, responses=_OPENAI_ERRORS,
+             include_in_schema=False)
+async def openai_embeddings(req: OpenAIEmbeddingRequest, state: State) -> Response:
+    """OpenAI-compatible embeddings (float or base64 little-endian float32)."""
+
+    async def work(engine: Engine, stats: Stats) -> Any:
+        vectors = await engine.embed(batch(req.input), normalize=True, dimensions=req.dimensions, stats=stats)
+        if req.encoding_format == "base64":
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()} for i, v in enumerate(vectors)]
         else:
-            labels = {"id2label": {str(k): v for k, v in i.id2label.items()},
-                      "label2id": {v: k for k, v in i.id2label.items()}}
-            model_type = {i.task.value: labels}
-        return json_response({
-            "model_id": i.model_id, "model_sha": i.sha, "model_dtype": engine.backend.dtype,
-            "model_type": model_type, "served_model_name": state.model_name,
-            "max_concurrent_requests": lim.max_concurrent_requests, "max_input_length": i.max_input_length,
-            "max_batch_tokens": lim.max_batch_tokens, "max_batch_requests": lim.max_batch_requests,
-            "max_client_batch_size": lim.max_client_batch_size, "auto_truncate": lim.auto_truncate,
-            "tokenization_workers": lim.tokenization_workers, "version": __version__, "sha": None,
-            "docker_label": None, "task": i.task.value, "pooling": i.pooling.value if i.pooling else None,
-            "dimension": i.dimension, "backend": engine.backend.name, "device": engine.backend.device,
-            "revision": i.revision,
-        })
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": state.model_name,
+                "usage": {"prompt_tokens": stats.tokens, "total_tokens": stats.tokens}}
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])
-    @app.get("/ping", include_in_schema=False)
-    async def health() -> Response:
-        """200 when the model is loaded and can run; 503 while loading or when inference fails."""
-        await state.ready().check_health()
-        return Response(status_code=200)
-
-    @app.get("/metrics", tags=["TEI"])
-    async def metrics() -> Response:
-        """Prometheus metrics."""
-        engine = state.engine
-        body = engine.metrics.render() if engine else b""
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return app
+    return await _answer(state, "openai", work)
 
 
-def _predict_inputs(value: str | list[str] | list[list[str]]) -> tuple[list[tuple[str, str | None]], bool]:
+@router.get("/v1/models", tags=["OpenAI"])
+async def openai_models(state: State) -> Response:
+    """The one model this worker serves."""
+    state.ready()
+    return json_response({"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": 0, "owned_by": "embedfleet"}]})
+
+
+# ----- operations -----
+
+@router.get("/info", response_model=Info, tags=["TEI"])
+async def info(state: State) -> Response:
+    """Model and limits of this replica."""
+    engine = state.ready()
+    i = engine.info
+    lim = engine.limits
+    if i.task is Task.EMBEDDING or i.task is Task.SPARSE:
+        model_type: dict[str, Any] = {"embedding": {"pooling": i.pooling.value if i.pooling else "mean"}}
+    else:
+        labels = {"id2label": {str(k): v for k, v in i.id2label.items()},
+                  "label2id": {v: k for k, v in i.id2label.items()}}
+        model_type = {i.task.value: labels}
+    return json_response({
+        "model_id": i.model_id, "model_sha": i.sha, "model_dtype": engine.backend.dtype,
+        "model_type": model_type, "served_model_name": state.model_name,
+        "max_concurrent_requests": lim.max_concurrent_requests, "max_input_length": i.max_input_length,
+        "max_batch_tokens": lim.max_batch_tokens, "max_batch_requests": lim.max_batch_requests,
+        "max_client_batch_size": lim.max_client_batch_size, "auto_truncate": lim.auto_truncate,
+        "tokenization_workers": lim.tokenization_workers, "version": __version__, "sha": None,
+        "docker_label": None, "task": i.task.value, "pooling": i.pooling.value if i.pooling else None,
+        "dimension": i.dimension, "backend": engine.backend.name, "device": engine.backend.device,
+        "revision": i.revision,
+    })
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])
+@router.get("/ping", include_in_schema=False)
+@router.get("/", include_in_schema=False)
+async def health(state: State) -> Response:
+    """200 when the model is loaded and can run; 503 while loading or when inference fails."""
+    await state.ready().check_health()
+    return Response(status_code=200)
+
+
+@router.get("/metrics", tags=["TEI"])
+async def metrics(state: State) -> Response:
+    """Prometheus metrics."""
+    engine = state.engine
+    body = engine.metrics.render() if engine else b""
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def predict_inputs(value: str | list[str] | list[list[str]]) -> tuple[list[tuple[str, str | None]], bool]:
     """TEI's PredictInput: a text, a pair [a, b], or a batch of [text] and [a, b]. Returns (batch, single)."""
     if isinstance(value, str):
         return [(value, None)], True
@@ -330,9 +333,30 @@ def _predict_inputs(value: str | list[str] | list[list[str]]) -> tuple[list[tupl
             raise errors.validation("`inputs` must be a string, a pair of strings or a batch of mixed strings "
                                     "and pairs [[string], [string, string], ...]")
         return [(str(value[0]), str(value[1]) if len(value) == 2 else None)], True
-    batch: list[tuple[str, str | None]] = []
+    pairs: list[tuple[str, str | None]] = []
     for i, item in enumerate(value):
         if not isinstance(item, list) or not 1 <= len(item) <= 2:
-            raise errors.validation(f"inputs[{i}] must be [text] or [text_a, text_b]")
-        batch.append((item[0], item[1] if len(item) == 2 else None))
-    return batch, False
+            raise errors.validation("an input must be [text] or [text_a, text_b]", input=i)
+        pairs.append((item[0], item[1] if len(item) == 2 else None))
+    return pairs, False
+
+
+def create_app(state: WorkerState, on_startup: Callable[[], Awaitable[None]] | None = None,
+               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The worker's FastAPI application over ``state``."""
+    app = FastAPI(
+        title="embedfleet worker",
+        description="Text-embeddings-inference compatible inference replica (embeddings, sparse, rerank).",
+        version=__version__,
+        lifespan=lifespan(on_startup, on_shutdown),
+    )
+    app.state.worker = state
+
+    def count_failure(exc: EngineError) -> None:
+        if state.engine is not None:
+            state.engine.metrics.request_failure.labels(exc.kind.value.lower()).inc()
+
+    install_error_handlers(app, count_failure)
+    app.include_router(router)
+    app.add_middleware(Edge, limit=state.payload_limit, access_log=access_log)  # type: ignore[arg-type]
+    return app

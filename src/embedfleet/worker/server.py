@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import sys
 import time
 
 import uvicorn
+from fastapi import FastAPI
 
-from embedfleet.api.http import KEEP_ALIVE_S
+from embedfleet.api.edge import freeze_startup_objects, server_config
 from embedfleet.config import WorkerSettings
 from embedfleet.engine.backends import create_backend, resolve_device
 from embedfleet.engine.backends.base import Backend
@@ -56,7 +56,7 @@ def summary(engine: Engine, settings: WorkerSettings, seconds: float) -> str:
             f"(loaded in {seconds:.1f}s)")
 
 
-def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
+def create_worker_app(settings: WorkerSettings) -> tuple[FastAPI, WorkerState]:
     """The ASGI app; the model loads in the background once the server starts."""
     state = WorkerState(settings.served_model_name, settings.payload_limit)
     state.compute_type = "gpu" if resolve_device(settings.device).startswith("cuda") else "cpu"
@@ -75,9 +75,7 @@ def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
                     state.stop_server()
             return
         engine.start()
-        # Start-up objects (models, modules) never die: keep them out of every full GC pass,
-        # whose pauses were the p99 under load.
-        gc.freeze()
+        freeze_startup_objects()
         state.engine = engine
         log.info("%s", summary(engine, settings, time.perf_counter() - started))
 
@@ -98,10 +96,7 @@ def create_worker_app(settings: WorkerSettings) -> tuple[object, WorkerState]:
 def run_worker(settings: WorkerSettings) -> None:
     """Serve until interrupted."""
     app, state = create_worker_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,  # type: ignore[arg-type]
-                            access_log=False, timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S,
-                            lifespan="on")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app, settings.host, settings.port))
     state.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     if state.exit_code:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedfleet.config import normalize_device
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.model import ModelError, ModelInfo
 
@@ -11,10 +12,12 @@ __all__ = ["Backend", "Output", "PaddedBatch", "create_backend", "resolve_device
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    """``auto`` is CUDA when torch sees a GPU, else the CPU; other devices in their canonical form."""
+    try:
+        device = normalize_device(device, auto=True)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
     if device != "auto":
-        if device != "cpu" and not device.startswith("cuda"):
-            raise ModelError(f"device {device!r} is not supported (cpu, cuda, cuda:N)")
         return device
     import torch
 

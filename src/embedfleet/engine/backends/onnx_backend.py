@@ -3,8 +3,8 @@
 The serving module (transformer + pooling + head) is exported once with ``torch.onnx.export``,
 passed through onnxruntime's transformer optimizer (fused attention, LayerNorm and GELU) when it
 knows the architecture, checked against the unoptimised graph, optionally quantized to int8, and
-cached on disk under a key of model fingerprint + export settings. A model that ships its own
-``onnx/model.onnx`` is used as is, with pooling done in numpy.
+cached on disk under a key of model fingerprint + export settings. A model's own ONNX files, where
+its repository has them, are not used: they lack the pooling head and the optimizer's checks.
 """
 
 from __future__ import annotations
@@ -102,7 +102,11 @@ def _probe_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def _agrees(a: Path, b: Path, min_cos: float) -> float:
+OPTIMIZED_MIN_COSINE = 0.9999
+"""How closely the optimizer's fused graph must agree with the plain one to be used."""
+
+
+def _min_cosine(a: Path, b: Path) -> float:
     """Smallest cosine between the two graphs' main outputs on a probe batch."""
     feed = _probe_batch()
     sa, sb = _session(a, None, ["CPUExecutionProvider"]), _session(b, None, ["CPUExecutionProvider"])
@@ -125,8 +129,8 @@ def _optimize(info: ModelInfo, source: Path, target: Path) -> bool:
     except Exception as exc:  # the optimizer raises many types; any failure means "use the plain graph"
         log.warning("onnxruntime optimizer failed for %s (%s); using the plain graph", info.model_id, exc)
         return False
-    cos = _agrees(source, target, 0.9999)
-    if cos < 0.9999:
+    cos = _min_cosine(source, target)
+    if cos < OPTIMIZED_MIN_COSINE:
         log.warning("optimized graph disagrees with the plain one (cos %.6f); using the plain graph", cos)
         target.unlink(missing_ok=True)
         return False
@@ -138,8 +142,7 @@ def int8_weight_type() -> str:
 
     Without VNNI, x86 int8 kernels multiply u8 activations by s8 weights with an instruction that
     saturates (vpmaddubsw), which costs real accuracy; u8 weights avoid it. With VNNI or AMX-INT8
-    there is no saturation, and s8 weights take the fast AMX path (measured on a 2-core AMX Xeon:
-    1.55x the u8 speed at the same cosine to fp32).
+    there is no saturation, and s8 weights take the faster AMX path at the same accuracy.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -208,10 +211,8 @@ def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optim
 
 CPU_BATCH_TOKENS = 512
 """onnxruntime on CPU runs batches of about 512 padded tokens fastest (likely because a layer's
-activations then stay in a core's L2 cache). Measured on a Xeon with 4 MiB of L2 a core, against
-batches of 32 inputs within 16384 tokens, one thread: all-MiniLM-L6-v2 fp32 +9% on ~18-token texts
-and +17% on ~200-token ones, int8 +30% on ~200-token ones, a BERT-base-sized model +3 to +9%. torch
-(bf16 on AMX) is the other way round, so this is the onnx backend's preference only."""
+activations then stay in a core's L2 cache); the README's worker section has the measurements. torch
+(bf16 on AMX) prefers large batches, so this is the onnx backend's preference only."""
 
 
 class OnnxBackend(Backend):
