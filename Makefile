@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,22 @@ serve: install
 	$(BIN)/embedfleet serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 ## Lint, type-check and run the whole test suite (slow integration tests included).
-test: install lint
+test: install lint redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The tests start a real redis-server (the shared cache store): installed with apt where it is missing
+## (as root, or with password-less sudo); otherwise `make test` stops and says how, rather than skip them.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -n"; \
+	  if command -v apt-get >/dev/null 2>&1 && $$SUDO true 2>/dev/null; then \
+	    echo "installing redis-server (the tests start one)"; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "make test needs redis-server on PATH (the Redis cache tests start one):" >&2; \
+	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu), or: brew install redis" >&2; \
+	    exit 1; \
+	  fi; }
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

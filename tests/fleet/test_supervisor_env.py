@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from embedfleet.config import WorkerSettings, flag_name
+from embedfleet.config import FleetSettings, WorkerSettings, flag_name
 from embedfleet.fleet import supervisor as supervisor_module
 from embedfleet.fleet.spec import WORKER_OPTIONS, InstanceRequest, InstanceSpec
 from embedfleet.fleet.supervisor import (
@@ -75,7 +75,8 @@ def test_spawned_worker_sees_no_embedfleet_variable(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(supervisor_module, "worker_command", command)
 
     async def spawn() -> None:
-        supervisor = Supervisor(SupervisorSettings(log_dir=tmp_path / "logs", port_range=(20000, 29999)), _NoPools())
+        fleet = FleetSettings(state_dir=tmp_path, port_range="20000-29999", data_dir=tmp_path / "data")
+        supervisor = Supervisor(SupervisorSettings.of(fleet, gpus=[]), _NoPools())
         instance = Instance(InstanceSpec(name="w", model="default"), InstanceLog(tmp_path / "logs" / "w.log"))
         try:
             await supervisor._spawn(instance)

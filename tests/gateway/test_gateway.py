@@ -155,6 +155,15 @@ def test_upstream_errors_pass_through(gateway: GatewayProcess) -> None:
     assert tokens.status_code == 200 and tokens.json()[0][1]["text"] == "hello"
 
 
+def test_a_models_base_url_serves_its_task(gateway: GatewayProcess) -> None:
+    direct = gateway.post("/embed", {"inputs": "base url text"}).json()
+    for route in ("/models/default", "/models/default/", "/models/default/invocations"):
+        r = gateway.post(route, {"inputs": "base url text"})
+        assert r.status_code == 200 and r.json() == direct, route
+    missing = gateway.post("/models/nobody", {"inputs": "x"})
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
+
+
 def test_errors_name_the_clients_input(gateway: GatewayProcess) -> None:
     # The gateway orders misses by length and cuts them into calls: the worker sees the long text first,
     # in its own batch, but the client must hear of its own position.
@@ -268,8 +277,9 @@ def test_api_keys_and_admin_key(workers: list[WorkerProcess], tmp_path: Path) ->
         other = httpx.options(f"{g.url}/embed", headers={"origin": "https://evil.example",
                                                          "access-control-request-method": "POST"})
         assert "access-control-allow-origin" not in other.headers
+        assert httpx.options(f"{g.url}/embed").status_code == 401  # only real preflights go without a key
         off = httpx.delete(f"{g.url}/cache", headers={"authorization": "Bearer flag-key"})
-        assert off.status_code == 403  # no --admin-key: admin routes are off
+        assert off.status_code == 403 and off.json()["error_type"] == "Forbidden"  # no --admin-key
     finally:
         g.stop()
 

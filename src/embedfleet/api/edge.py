@@ -55,10 +55,11 @@ def batch(value: str | list[Any]) -> list[str | list[int]]:
 
 
 def model_prefix(path: str) -> tuple[str, str | None]:
-    """``/models/{name}/embed`` is ``/embed`` for model ``name``; other paths name no model."""
+    """``/models/{name}/embed`` is ``/embed`` for model ``name``, and ``/models/{name}`` its base URL ``/``;
+    other paths name no model."""
     if path.startswith("/models/"):
         name, _, rest = path[len("/models/"):].partition("/")
-        if name and rest:
+        if name:
             return "/" + rest, name
     return path, None
 
@@ -105,9 +106,9 @@ INPUT_HEADER = "x-error-input"
 """Response header of an error about one input: its position in the request's batch."""
 
 
-async def send_error(send: Send, exc: ClientError, path: str) -> None:
-    """Answer a raw ASGI request with an error."""
-    status, body = errors.render(exc, path)
+async def send_error(send: Send, exc: ClientError, path: str, rendered: tuple[int, bytes] | None = None) -> None:
+    """Answer a raw ASGI request with an error (``rendered``: its status and body, where already made)."""
+    status, body = rendered or errors.render(exc, path)
     headers = [(b"content-type", JSON), (b"content-length", b"%d" % len(body))]
     headers += [(k.encode(), v.encode()) for k, v in (_extra_headers(exc) or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -201,40 +202,51 @@ class Edge:
                 scope = {**scope, "path": path, "raw_path": path.encode(),
                          "headers": [*headers, (b"x-model", model.encode())]}
         status = 500
+        tokens: bytes | None = None
         observed_send = send
         if self.durations is not None or self._logging():
             async def observed(message: Message) -> None:
-                nonlocal status
+                nonlocal status, tokens
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    tokens = next((v for k, v in message.get("headers", ()) if k == b"x-compute-tokens"), None)
                 await send(message)
             observed_send = observed
         try:
-            problem = self._refusal(scope)
+            problem, declared = self._refusal(scope)
             if problem is not None:
-                status = errors.status_of(problem)
-                await send_error(send, problem, path)
+                status, body = errors.render(problem, path)
+                await send_error(send, problem, path, (status, body))
                 return
-            await self.app(scope, self._limited(receive), observed_send)
+            # A declared length within the limit is all the server reads (HTTP framing); a body of unknown
+            # length (chunked) is counted as it comes.
+            await self.app(scope, receive if declared else self._limited(receive), observed_send)
         finally:
-            self._observe(scope, path, status, started)
+            self._observe(scope, path, status, started, tokens)
 
-    def _refusal(self, scope: Scope) -> EdgeError | None:
-        """Why the request is refused before it is read: no valid key, or a declared body too large."""
+    def _refusal(self, scope: Scope) -> tuple[EdgeError | None, bool]:
+        """Why the request is refused before it is read (no valid key, or a declared body too large), and
+        whether its body has a declared length within the limit."""
         authorization = declared = None
+        asks_cors = False
         for key, value in scope["headers"]:
             if key == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
                 declared = value
-        if self.auth is not None and scope["method"] != "OPTIONS":  # CORS preflights carry no key
+            elif key == b"access-control-request-method":
+                asks_cors = True
+        preflight = asks_cors and scope["method"] == "OPTIONS"  # carries no key, and does no work
+        if self.auth is not None and not preflight:
             try:
                 self.auth.check(scope["method"], scope["path"], authorization)
             except EdgeError as exc:
-                return exc
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return errors.payload_too_large(self.limit)
-        return None
+                return exc, False
+        if declared is None or not declared.isdigit():
+            return None, False
+        if int(declared) > self.limit:
+            return errors.payload_too_large(self.limit), False
+        return None, True
 
     def _limited(self, receive: Receive) -> Receive:
         limit = self.limit
@@ -255,7 +267,7 @@ class Edge:
     def _logging(self) -> bool:
         return self.access_log is not None and self.access_log.isEnabledFor(logging.DEBUG)
 
-    def _observe(self, scope: Scope, path: str, status: int, started: float) -> None:
+    def _observe(self, scope: Scope, path: str, status: int, started: float, tokens: bytes | None) -> None:
         elapsed = time.perf_counter() - started
         if self.durations is not None:
             route = path if path in self.routes else "other"
@@ -265,7 +277,8 @@ class Edge:
             child.observe(elapsed)
         if self.access_log is not None and self._logging():
             self.access_log.debug("request", extra={"method": scope["method"], "path": path, "status": status,
-                                                    "duration_ms": round(elapsed * 1000, 2)})
+                                                    "duration_ms": round(elapsed * 1000, 2),
+                                                    "tokens": tokens.decode() if tokens else None})
 
 
 def freeze_startup_objects() -> None:

@@ -44,9 +44,6 @@ class EdgeError(Exception):
         self.message = message
 
 
-ErrorType = ErrorKind | EdgeKind
-"""The ``error_type`` of a TEI or OpenAI error body."""
-
 STATUS: dict[ErrorKind | EdgeKind | FleetErrorCode, int] = {
     ErrorKind.EMPTY: 400,
     ErrorKind.VALIDATION: 422,
@@ -118,9 +115,11 @@ def shape_of(path: str) -> Shape:
     return Shape.TEI
 
 
-def status_of(exc: ClientError) -> int:
-    """The HTTP status of an error."""
-    return STATUS[exc.code if isinstance(exc, FleetError) else exc.kind]
+def status_of(exc: ClientError, shape: Shape = Shape.TEI) -> int:
+    """The HTTP status of an error (under /admin/, the status of the admin code it is written with)."""
+    if isinstance(exc, FleetError):
+        return STATUS[exc.code]
+    return STATUS[ADMIN_CODE[exc.kind]] if shape is Shape.ADMIN else STATUS[exc.kind]
 
 
 def body_of(exc: ClientError, shape: Shape) -> dict[str, Any]:
@@ -138,7 +137,8 @@ def body_of(exc: ClientError, shape: Shape) -> dict[str, Any]:
 
 def render(exc: ClientError, path: str) -> tuple[int, bytes]:
     """The status and JSON body of an error raised by the route at ``path``."""
-    return status_of(exc), orjson.dumps(body_of(exc, shape_of(path)))
+    shape = shape_of(path)
+    return status_of(exc, shape), orjson.dumps(body_of(exc, shape))
 
 
 def from_status(status: int, message: str) -> EdgeError | EngineError:
@@ -147,7 +147,7 @@ def from_status(status: int, message: str) -> EdgeError | EngineError:
             401: EdgeKind.UNAUTHORIZED, 403: EdgeKind.FORBIDDEN}.get(status)
     if edge is not None:
         return EdgeError(edge, message)
-    kind = {400: ErrorKind.EMPTY, 422: ErrorKind.VALIDATION, 429: ErrorKind.OVERLOADED,
+    kind = {400: ErrorKind.VALIDATION, 422: ErrorKind.VALIDATION, 429: ErrorKind.OVERLOADED,
             503: ErrorKind.UNHEALTHY}.get(status, ErrorKind.BACKEND)
     return EngineError(kind, message)
 

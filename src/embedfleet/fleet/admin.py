@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from embedfleet.api.auth import Access, Auth, Rule
+from embedfleet.api.edge import json_response, parse_body
 from embedfleet.fleet.devices import DeviceError
 from embedfleet.fleet.errors import FleetError, FleetErrorCode
 from embedfleet.fleet.plan import request_devices
@@ -54,34 +54,11 @@ State = Annotated[AdminState, Depends(admin_state)]
 Timeout = Annotated[float, Query(gt=0, le=3600)]
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
-
-
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{where}: {e['msg']}" if where else str(e["msg"]))
-    return "; ".join(parts)
-
-
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    try:
-        data = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise FleetError(FleetErrorCode.VALIDATION_ERROR, f"the body is not valid JSON: {exc}") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise FleetError(FleetErrorCode.VALIDATION_ERROR, _explain(exc)) from None
-
-
 async def _settled(state: AdminState, name: str, wait: bool, timeout: float) -> Response:
     """An instance after a start or restart, once it runs (or failed) when ``wait``."""
     if wait:
         await state.supervisor.wait_settled([name], timeout)
-    return _json(state.supervisor.get(name).describe())
+    return json_response(state.supervisor.get(name).describe())
 
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -90,7 +67,7 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 @router.get("/instances")
 async def list_instances(state: State) -> Response:
     """Every instance with its state."""
-    return _json({"instances": [i.describe() for i in state.supervisor.instances.values()]})
+    return json_response({"instances": [i.describe() for i in state.supervisor.instances.values()]})
 
 
 @router.post("/instances", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
@@ -98,7 +75,7 @@ async def list_instances(state: State) -> Response:
 async def create_instance(request: Request, state: State, wait: bool = False, timeout: Timeout = 600.0) -> Response:
     """Add instances (``replicas`` of them) and start them; ``url`` registers an external server.
     ``?wait=true`` answers once they are running (or failed)."""
-    body: InstanceRequest = await _body(request, InstanceRequest)
+    body: InstanceRequest = await parse_body(request, InstanceRequest)
     supervisor = state.supervisor
     try:
         devices = request_devices(body, supervisor.settings.gpus)
@@ -114,20 +91,20 @@ async def create_instance(request: Request, state: State, wait: bool = False, ti
             await state.registry.add(body.model, body.revision)
     if wait:
         await supervisor.wait_settled([i.name for i in added], timeout)
-    return _json({"instances": [i.describe() for i in added]}, status=201)
+    return json_response({"instances": [i.describe() for i in added]}, status=201)
 
 
 @router.get("/instances/{name}")
 async def get_instance(name: str, state: State) -> Response:
     """One instance."""
-    return _json(state.supervisor.get(name).describe())
+    return json_response(state.supervisor.get(name).describe())
 
 
 @router.delete("/instances/{name}")
 async def delete_instance(name: str, state: State) -> Response:
     """Stop the instance and forget it."""
     await state.supervisor.remove(name)
-    return _json({"deleted": name})
+    return json_response({"deleted": name})
 
 
 @router.post("/instances/{name}/start")
@@ -140,7 +117,7 @@ async def start_instance(name: str, state: State, wait: bool = False, timeout: T
 @router.post("/instances/{name}/stop")
 async def stop_instance(name: str, state: State) -> Response:
     """Stop an instance (drained first); it stays stopped until started."""
-    return _json((await state.supervisor.stop(name)).describe())
+    return json_response((await state.supervisor.stop(name)).describe())
 
 
 @router.post("/instances/{name}/restart")
@@ -154,41 +131,41 @@ async def restart_instance(name: str, state: State, wait: bool = False, timeout:
 async def instance_logs(name: str, state: State, tail: Annotated[int, Query(ge=0, le=1000)] = 100) -> Response:
     """The last lines of the instance's log (the whole log is in its file)."""
     instance = state.supervisor.get(name)
-    return _json({"name": name, "file": str(instance.log.path), "lines": instance.log.last(tail)})
+    return json_response({"name": name, "file": str(instance.log.path), "lines": instance.log.last(tail)})
 
 
 @router.get("/models")
 async def list_models(state: State) -> Response:
     """Known models: the packaged default, the Hugging Face cache, and those registered."""
-    return _json({"models": [m.model_dump() for m in state.registry.list()]})
+    return json_response({"models": [m.model_dump() for m in state.registry.list()]})
 
 
 @router.post("/models", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
     "application/json": {"schema": ModelRequest.model_json_schema()}}}})
 async def add_model(request: Request, state: State) -> Response:
     """Register a model (a Hugging Face id or a local folder)."""
-    body: ModelRequest = await _body(request, ModelRequest)
-    return _json((await state.registry.add(body.model, body.revision)).model_dump(), status=201)
+    body: ModelRequest = await parse_body(request, ModelRequest)
+    return json_response((await state.registry.add(body.model, body.revision)).model_dump(), status=201)
 
 
 @router.post("/models/{model_id:path}/download")
 async def download_model(model_id: str, state: State, wait: bool = False) -> Response:
     """Download into the Hugging Face cache (202 while it runs; ``?wait=true`` for the outcome)."""
     record = await state.registry.download(model_id, wait=wait)
-    return _json(record.model_dump(), status=200 if wait else 202)
+    return json_response(record.model_dump(), status=200 if wait else 202)
 
 
 @router.post("/models/{model_id:path}/verify")
 async def verify_model(model_id: str, state: State, wait: bool = False) -> Response:
     """Load the model in a separate process, embed one text, unload; records what it found."""
     record = await state.registry.verify(model_id, wait=wait)
-    return _json(record.model_dump(), status=200 if wait else 202)
+    return json_response(record.model_dump(), status=200 if wait else 202)
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> Response:
     """One model (ids with '/' URL-encoded or not)."""
-    return _json(state.registry.get(model_id).model_dump())
+    return json_response(state.registry.get(model_id).model_dump())
 
 
 def install_admin(app: FastAPI, supervisor: Supervisor, registry: ModelRegistry, auth: Auth) -> None:

@@ -132,14 +132,8 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
 
     gateway = build_gateway(gateway_settings, dynamic=True, on_startup=on_startup, on_shutdown=on_shutdown,
                             collectors=[collector])
-    low, high = fleet.ports
-    supervisor = Supervisor(SupervisorSettings(
-        log_dir=fleet.state_dir / "logs", host="127.0.0.1", port_range=(low, high),
-        reserved_ports=frozenset({gateway_settings.port}), health_interval=fleet.health_interval,
-        health_failures=fleet.health_failures, start_timeout=fleet.start_timeout, stop_timeout=fleet.stop_timeout,
-        max_restarts=fleet.max_restarts, restart_window=fleet.restart_window, max_instances=fleet.max_instances,
-        worker_log_level=fleet.log_level, worker_log_format=fleet.log_format, data_dir=fleet.data_dir, gpus=gpus),
-        gateway.router, on_change=persist)
+    supervisor = Supervisor(SupervisorSettings.of(fleet, gpus, reserved_ports=frozenset({gateway_settings.port})),
+                            gateway.router, on_change=persist)
     registry = ModelRegistry(on_change=persist)
     collector.supervisor = supervisor
     install_admin(gateway.app, supervisor, registry, gateway.auth)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from embedfleet.config import ENV_PREFIX, WorkerSettings, settings_flags
+from embedfleet.config import ENV_PREFIX, FleetSettings, WorkerSettings, settings_flags
 from embedfleet.fleet.devices import placement
 from embedfleet.fleet.errors import FleetError, FleetErrorCode, timestamp
 from embedfleet.fleet.spec import WORKER_OPTIONS, InstanceSpec
@@ -76,28 +76,40 @@ class Membership(Protocol):
 
 @dataclass
 class SupervisorSettings:
-    """How instances are run and watched."""
+    """How instances are run and watched: the fleet's settings (:meth:`of`), plus the supervisor's own
+    timings."""
 
     log_dir: Path
-    data_dir: Path | None = None  # the workers' --data-dir (exported ONNX graphs)
-    host: str = "127.0.0.1"
-    port_range: tuple[int, int] = (8081, 8180)
+    data_dir: Path  # the workers' --data-dir (exported ONNX graphs)
+    port_range: tuple[int, int]
+    health_interval: float
+    health_failures: int
+    start_timeout: float
+    stop_timeout: float
+    max_restarts: int
+    restart_window: float
+    max_instances: int
+    worker_log_level: str
+    worker_log_format: str
+    gpus: list[str] = field(default_factory=list)
     reserved_ports: frozenset[int] = frozenset()
-    health_interval: float = 2.0
+    host: str = "127.0.0.1"  # workers listen on loopback: only the gateway talks to them
     health_timeout: float = 10.0
-    health_failures: int = 3
-    start_timeout: float = 600.0
-    stop_timeout: float = 15.0
     drain_timeout: float = 30.0
-    max_restarts: int = 5
-    restart_window: float = 600.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     stable_after: float = 60.0  # running this long resets the back-off
-    max_instances: int = 64
-    worker_log_level: str = "info"
-    worker_log_format: str = "text"
-    gpus: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fleet: FleetSettings, gpus: list[str],
+           reserved_ports: frozenset[int] = frozenset()) -> SupervisorSettings:
+        """The supervisor's settings from the fleet's (``embedfleet serve``)."""
+        return cls(log_dir=fleet.state_dir / "logs", data_dir=fleet.data_dir, port_range=fleet.ports,
+                   health_interval=fleet.health_interval, health_failures=fleet.health_failures,
+                   start_timeout=fleet.start_timeout, stop_timeout=fleet.stop_timeout, max_restarts=fleet.max_restarts,
+                   restart_window=fleet.restart_window, max_instances=fleet.max_instances,
+                   worker_log_level=fleet.log_level, worker_log_format=fleet.log_format, gpus=gpus,
+                   reserved_ports=reserved_ports)
 
 
 class InstanceLog:
@@ -206,7 +218,7 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_dir: Path | None,
+def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_dir: Path,
                    log_level: str, log_format: str = "text") -> list[str]:
     """The ``embedfleet worker`` command line of an instance: every worker setting as a flag (the worker's
     defaults where the instance sets none), and no config file, so nothing but the instance decides."""
@@ -215,9 +227,7 @@ def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_d
               for name, field in WorkerSettings.model_fields.items()}
     values.update({k: v for k, v in spec.model_dump(include=set(WORKER_OPTIONS)).items() if v is not None})
     values.update(model=spec.model, served_model_name=spec.served_name, host=host, port=port, device=device,
-                  exit_on_load_failure=True, log_level=log_level, log_format=log_format)
-    if data_dir is not None:
-        values["data_dir"] = data_dir
+                  exit_on_load_failure=True, log_level=log_level, log_format=log_format, data_dir=data_dir)
     return [sys.executable, "-m", "embedfleet.cli", "worker", "--config", os.devnull, *settings_flags(values)]
 
 

@@ -21,7 +21,7 @@ from embedfleet.api.schemas import EmbedRequest, OpenAIEmbeddingRequest
 from embedfleet.engine.errors import EngineError
 from embedfleet.gateway.routes import GatewayState, embed_openai, embed_tei
 
-ROUTES = {"/embed": False, "/v1/embeddings": True, "/embeddings": True}
+ROUTES = {path: errors.shape_of(path) is errors.Shape.OPENAI for path in ("/embed", "/v1/embeddings", "/embeddings")}
 """The routes the fast path serves, and whether each is an OpenAI one."""
 
 

@@ -92,10 +92,10 @@ class ModelRouter:
                 return found
             if strict:
                 raise self._unknown(model)
-        tasks = ROUTE_TASKS.get(route, EMBEDDING_TASKS)
-        fitting = [s for s in self.services.values() if s.pool.info is None or s.pool.info.fingerprint.task in tasks]
         if len(self.services) == 1:
             return next(iter(self.services.values()))
+        tasks = ROUTE_TASKS.get(route, EMBEDDING_TASKS)
+        fitting = [s for s in self.services.values() if s.pool.info is None or s.pool.info.fingerprint.task in tasks]
         if not fitting:
             raise errors.not_found(f"no served model does {route}; served models: {self._names()}")
         if model and not strict and len(fitting) > 1:

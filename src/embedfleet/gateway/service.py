@@ -13,7 +13,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -112,37 +112,32 @@ class _Request:
     """Each input's key (None for token ids), in input order."""
     texts: dict[bytes, str]
     """The text of each unique key, in first-seen order."""
-    first: dict[bytes, int]
-    """The position of each unique key's first input."""
     raw: list[tuple[int, list[int]]]
     """The token-id inputs and their positions."""
-
-    @property
-    def unique(self) -> list[bytes]:
-        """The unique keys, in first-seen order."""
-        return list(self.texts)
+    unique: list[bytes]
+    """The unique keys, in first-seen order."""
 
     @classmethod
     def of(cls, inputs: Sequence[str | list[int]], hasher: KeyHasher) -> _Request:
         """Key every text input."""
-        request = cls([], {}, {}, [])
+        input_keys: list[bytes | None] = []
+        texts: dict[bytes, str] = {}
+        raw: list[tuple[int, list[int]]] = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
                 key = hasher.key(item)
-                if key not in request.texts:
-                    request.texts[key] = item
-                    request.first[key] = i
-                request.input_keys.append(key)
+                texts.setdefault(key, item)
+                input_keys.append(key)
             else:
-                request.input_keys.append(None)
-                request.raw.append((i, item))
-        return request
+                input_keys.append(None)
+                raw.append((i, item))
+        return cls(input_keys, texts, raw, list(texts))
 
 
 class EmbeddingService:
     """Embeddings of one model pool, through the cache."""
 
-    def __init__(self, pool: Pool, cache: TieredCache, max_client_batch_size: int = 2048) -> None:
+    def __init__(self, pool: Pool, cache: TieredCache, max_client_batch_size: int) -> None:
         self.pool = pool
         self.cache = cache
         self.max_client_batch_size = max_client_batch_size
@@ -185,9 +180,13 @@ class EmbeddingService:
             truncate = info.auto_truncate
         request = _Request.of(inputs, self._hasher((info.fingerprint, normalize, truncate, direction.value,
                                                     prompt_name, dimensions)))
-        found, from_memory = await self._lookup(request, policy)
-        if len(found) == len(request.unique) and not request.raw:
-            return self._all_hits(request, found, from_memory)
+        found: dict[bytes, Entry] = {}
+        from_memory: set[bytes] = set()
+        if policy.read and request.unique:
+            entries, missing = self.cache.lookup_memory(request.unique)
+            if not missing and not request.raw:
+                return self._memory_hits(request, entries)
+            found, from_memory = await self._lookup_rest(request.unique, entries, missing)
         mine, waiting = self._claim(request, found)
         body: dict[str, Any] = {"normalize": normalize, "truncate": truncate,
                                 "truncation_direction": direction.value.capitalize()}
@@ -198,26 +197,25 @@ class EmbeddingService:
         computed = await self._compute_own(request, mine, body, policy)
         return await self._merge(request, found, from_memory, mine, computed, waiting)
 
-    async def _lookup(self, request: _Request, policy: CachePolicy) -> tuple[dict[bytes, Entry], set[bytes]]:
-        """The cached entries of the request's keys (one round trip per tier), and which the memory tier had."""
-        unique = request.unique
-        if not unique or not policy.read:
-            return {}, set()
-        entries, missing = self.cache.lookup_memory(unique)
+    async def _lookup_rest(self, unique: list[bytes], entries: list[Entry | None],
+                           missing: list[int]) -> tuple[dict[bytes, Entry], set[bytes]]:
+        """The cached entries of the request's keys, the memory tier's answer completed by the store's (one
+        round trip), and which keys the memory tier had."""
+        from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
         if missing:
-            from_memory = {k for k, e in zip(unique, entries, strict=True) if e is not None}
             await self.cache.lookup_rest(unique, entries, missing)
-        else:
-            from_memory = set(unique)
         return {k: e for k, e in zip(unique, entries, strict=True) if e is not None}, from_memory
 
-    def _all_hits(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes]) -> EmbedResult:
-        """Every input was cached: no futures, no task, no waiting."""
+    def _memory_hits(self, request: _Request, entries: list[Entry | None]) -> EmbedResult:
+        """Every input is in the memory tier (the hot path): no futures, no task, no waiting."""
+        found = cast(list[Entry], entries)  # none missing
+        keys = cast(list[bytes], request.input_keys)  # no token-id inputs
         hits = len(request.unique)
         self.hits += hits
-        keys = [k for k in request.input_keys if k is not None]
-        return EmbedResult([found[k] for k in keys], hits=hits, misses=0, memory=self.cache.memory,
-                           served=[k if k in from_memory else None for k in keys])
+        if hits == len(keys):
+            return EmbedResult(found, hits=hits, misses=0, memory=self.cache.memory, served=request.unique)
+        by_key = dict(zip(request.unique, found, strict=True))  # duplicates in the request
+        return EmbedResult([by_key[k] for k in keys], hits=hits, misses=0, memory=self.cache.memory, served=keys)
 
     def _claim(self, request: _Request, found: dict[bytes, Entry]) -> tuple[dict[bytes, asyncio.Future[Entry]],
                                                                                dict[bytes, asyncio.Future[Entry]]]:
@@ -251,8 +249,8 @@ class EmbeddingService:
         except EngineError as exc:
             if exc.input is None:
                 raise
-            positions = [*(request.first[k] for k in mine), *(i for i, _ in request.raw)]
-            raise exc.at(positions[exc.input]) from None
+            positions = [*(request.input_keys.index(k) for k in mine), *(i for i, _ in request.raw)]
+            raise exc.at(positions[exc.input] if 0 <= exc.input < len(positions) else None) from None
 
     async def _merge(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes],
                      mine: dict[bytes, asyncio.Future[Entry]], computed: list[Entry],
@@ -321,8 +319,10 @@ class EmbeddingService:
             try:
                 return await self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
                                             parse=read_embeddings, accept=binary.ACCEPT)
-            except EngineError as exc:  # name the input by its position in ``items``
-                raise (exc if exc.input is None else exc.at(order[start + exc.input])) from None
+            except EngineError as exc:  # name the input by its position in ``items`` (if the upstream's is sane)
+                if exc.input is None:
+                    raise
+                raise exc.at(order[start + exc.input] if 0 <= exc.input < len(chunk) else None) from None
 
         results = await asyncio.gather(*(call(chunk, start) for chunk, start in zip(chunks, starts, strict=True)))
         vectors: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)

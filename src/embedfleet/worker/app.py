@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from embedfleet import __version__
 from embedfleet.api import binary
 from embedfleet.api.edge import Edge, batch, install_error_handlers, json_response, lifespan, parse_body
+from embedfleet.api.errors import STATUS
 from embedfleet.api.schemas import (
     DecodeRequest,
     EmbedAllRequest,
@@ -40,7 +41,7 @@ from embedfleet.api.schemas import (
     TokenizeRequest,
 )
 from embedfleet.engine import errors
-from embedfleet.engine.errors import EngineError
+from embedfleet.engine.errors import EngineError, ErrorKind
 from embedfleet.engine.infer import Engine, Stats
 from embedfleet.engine.model import Task
 from embedfleet.engine.tokenization import TruncationDirection
@@ -48,7 +49,7 @@ from embedfleet.engine.tokenization import TruncationDirection
 log = logging.getLogger("embedfleet.worker")
 access_log = logging.getLogger("embedfleet.worker.access")
 
-_ERROR_STATUSES = (400, 413, 422, 424, 429, 503)
+_ERROR_STATUSES = sorted({STATUS[kind] for kind in ErrorKind} | {413})
 _TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in _ERROR_STATUSES}
 _OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in _ERROR_STATUSES}
 
@@ -56,7 +57,7 @@ _OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorRe
 class WorkerState:
     """What the routes need: the engine once loaded, or why it is not."""
 
-    def __init__(self, served_model_name: str | None = None, payload_limit: int = 2_000_000) -> None:
+    def __init__(self, served_model_name: str | None, payload_limit: int) -> None:
         self.engine: Engine | None = None
         self.error: str | None = None
         self.served_model_name = served_model_name

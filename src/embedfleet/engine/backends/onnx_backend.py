@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -25,7 +27,6 @@ from embedfleet.engine.model import ModelError, ModelInfo, Task
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 1  # bump when the exported graph changes, so cached files are rebuilt
 OPSET = 17
 # onnxruntime's optimizer knows BERT-style encoders; these model types export to that pattern.
 _OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert",
@@ -48,6 +49,25 @@ def _atomic_target(final: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=final.stem + ".", suffix=".tmp.onnx")
     os.close(fd)
     return Path(tmp)
+
+
+@functools.cache
+def exporter_fingerprint() -> str:
+    """What the exported, optimized and quantized graphs depend on besides the model: the versions of
+    torch, onnx and onnxruntime and the source of the export code. Cached graphs are keyed by it, so an
+    upgrade of any of them (or a change to this module) rebuilds them; no version number to bump."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from embedfleet.engine.backends import module
+
+    h = hashlib.blake2b(digest_size=8)
+    for part in (torch.__version__, onnx.__version__, onnxruntime.__version__, str(OPSET)):
+        h.update(part.encode() + b"\0")
+    for source in (Path(__file__), Path(module.__file__)):
+        h.update(source.read_bytes())
+    return h.hexdigest()
 
 
 def export(info: ModelInfo, target: Path) -> None:
@@ -164,7 +184,7 @@ def _quantize(source: Path, target: Path, weights: str) -> None:
 
 def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optimize: bool = True) -> Path:
     """The .onnx file to run: from the cache, or exported (and optimized, quantized) now."""
-    tag = f"{info.sha}-{info.task.value}-{info.pooling or 'head'}-d{len(info.dense)}-op{OPSET}-v{EXPORT_VERSION}"
+    tag = f"{info.sha}-{info.task.value}-{info.pooling or 'head'}-d{len(info.dense)}-x{exporter_fingerprint()}"
     folder = cache_dir / "onnx"
     folder.mkdir(parents=True, exist_ok=True)
     plain = folder / f"{tag}.onnx"
