@@ -100,7 +100,7 @@ def test_one_dot_collection_per_model(store: QdrantStore) -> None:
     for model, dim in ((A, DIM), (B, 8)):
         vectors = store.client.get_collection(collection_name(model.tag)).config.params.vectors
         assert isinstance(vectors, models.VectorParams)
-        assert vectors.size == dim and vectors.distance in (models.Distance.DOT, models.Distance.EUCLID)
+        assert vectors.size == dim and vectors.distance == models.Distance.DOT
 
 
 def test_points_carry_the_key_and_header_fields(store: QdrantStore) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from embedfleet.engine.model import ModelError, Pooling, Task, inspect
+from embedfleet.engine.model import DenseLayer, ModelError, Pooling, Task, inspect
+from tests.engine import st_models
 
 
 def test_default_model_is_detected_from_its_metadata() -> None:
@@ -70,3 +71,42 @@ def test_missing_models_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
         inspect("someone/not-cached-model-xyz")
+
+
+@pytest.fixture(scope="module")
+def st_saved(tmp_path_factory: pytest.TempPathFactory, default_path: Path) -> dict[str, Path]:
+    """Mean pooling + Dense 32->16, and last-token pooling, as the installed sentence-transformers saves them."""
+    root = tmp_path_factory.mktemp("st-saved")
+    base = st_models.tiny_bert(root / "base", default_path)
+    return {"dense": st_models.save_st(root / "dense", base, "mean", dense_out=16),
+            "last_token": st_models.save_st(root / "last_token", base, "lasttoken")}
+
+
+@pytest.mark.slow
+def test_dense_module_and_last_token_pooling_are_read(st_saved: dict[str, Path], tmp_path: Path) -> None:
+    dense = st_models.to_hub_format(Path(shutil.copytree(st_saved["dense"], tmp_path / "dense")).resolve())
+    info = inspect(str(dense))
+    assert (info.task, info.pooling, info.hidden_size, info.dimension) == (Task.EMBEDDING, Pooling.MEAN, 32, 16)
+    assert info.dense == (DenseLayer(dense / "2_Dense", in_features=32, out_features=16, bias=True,
+                                     activation="Tanh"),)
+    last = st_models.to_hub_format(Path(shutil.copytree(st_saved["last_token"], tmp_path / "last")).resolve())
+    info = inspect(str(last))
+    assert (info.task, info.pooling, info.dimension, info.dense) == (Task.EMBEDDING, Pooling.LAST_TOKEN, 32, ())
+
+
+@pytest.mark.slow
+def test_pooling_as_sentence_transformers_6_saves_it_is_read(st_saved: dict[str, Path]) -> None:
+    folder = st_saved["last_token"]
+    if st_models.writes_hub_format(folder):
+        pytest.skip("the installed sentence-transformers (< 6) writes the hub format, tested above")
+    info = inspect(str(folder))
+    assert (info.pooling, info.dimension) == (Pooling.LAST_TOKEN, 32)
+
+
+@pytest.mark.slow
+def test_dense_module_as_sentence_transformers_6_saves_it_is_read(st_saved: dict[str, Path], tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(st_saved["dense"], tmp_path / "dense"))
+    if st_models.writes_hub_format(folder):
+        pytest.skip("the installed sentence-transformers (< 6) writes the hub format, tested above")
+    info = inspect(str(folder))  # modules.json and both configs as 6.x wrote them
+    assert (info.dimension, len(info.dense)) == (16, 1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.helpers import WorkerProcess, validate_schema
+from tests.worker import busy
 
 pytestmark = pytest.mark.slow
 
@@ -86,23 +88,45 @@ def test_body_over_limit_is_413(start_worker: object) -> None:
 
 
 def test_overload_gives_429_and_the_worker_recovers(start_worker: object) -> None:
-    import asyncio
+    """With 2 requests in flight (seen in /metrics) and a limit of 2, every further request gets 429 at once."""
+    w: WorkerProcess = start_worker(*busy.LONG_BATCH_ARGS, "--max-concurrent-requests", "2")  # type: ignore[operator]
 
-    w: WorkerProcess = start_worker("--max-concurrent-requests", "2")  # type: ignore[operator]
-    body = {"inputs": [" ".join(f"w{i}x{j}" for j in range(100)) for i in range(32)], "truncate": True}
+    async def attempt(client: httpx.AsyncClient) -> bool:
+        holders = asyncio.gather(*(client.post("/embed", json=busy.long_body(tag)) for tag in ("a", "b")))
+        full = await busy.wait_for(client, lambda now: now.in_flight == 2, holders)
+        if full is None:  # both long requests were answered between two polls: try again
+            assert [r.status_code for r in await holders] == [200, 200]
+            return False
+        burst = await asyncio.gather(*(client.post("/embed", json={"inputs": f"burst {i}"}) for i in range(4)))
+        # Still 2 in flight once the burst is answered, and nothing else was sent: the holders were in flight
+        # all along, so every burst request met a full worker.
+        still_full = await busy.progress(client)
+        held = await holders
+        assert [r.status_code for r in burst] == [429] * 4, ([r.text for r in burst], still_full)
+        assert still_full.in_flight == 2, "the long requests ended before the burst was answered"
+        for r in burst:
+            assert r.json()["error_type"] == "Overloaded"
+            validate_schema(r.json(), "ErrorResponse")
+        assert [r.status_code for r in held] == [200, 200]  # the admitted requests are unharmed
+        assert all(len(r.json()) == busy.LONG_INPUTS for r in held)
+        return True
 
-    async def burst() -> list[int]:
+    async def run() -> None:
         async with httpx.AsyncClient(base_url=w.url, timeout=120) as client:
-            rs = await asyncio.gather(*(client.post("/embed", json=body) for _ in range(12)))
-        for r in rs:
-            if r.status_code == 429:
-                assert r.json()["error_type"] == "Overloaded"
-        return [r.status_code for r in rs]
+            for _ in range(3):
+                if await attempt(client):
+                    break
+            else:
+                pytest.fail("the worker was never seen with 2 requests in flight")
+            assert (await busy.progress(client)).in_flight == 0
+            after = await client.post("/embed", json={"inputs": ["after the burst"] * 3})
+            assert after.status_code == 200 and len(after.json()) == 3
 
-    codes = asyncio.run(burst())
-    assert set(codes) == {200, 429}
-    assert codes.count(200) >= 2
-    assert w.post("/embed", {"inputs": "after the burst"}).status_code == 200
+    try:
+        asyncio.run(run())
+        assert w.metric("te_request_failure_total", err="overloaded") >= 4
+    finally:
+        w.stop()  # its long batches hold memory; no later test needs it
 
 
 def test_openai_errors_use_openai_shape(worker: WorkerProcess) -> None:

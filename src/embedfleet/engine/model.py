@@ -156,30 +156,51 @@ def _st_modules(path: Path) -> list[dict[str, Any]]:
     return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
 
 
+_ST_POOLING_MODES = {"mean": Pooling.MEAN, "cls": Pooling.CLS, "lasttoken": Pooling.LAST_TOKEN}
+"""sentence-transformers' pooling mode names (its 6.x ``pooling_mode``; 5.x and older wrote one
+``pooling_mode_<name>`` flag each, with ``mean_tokens`` and ``cls_token`` for the first two)."""
+
+
+def _module_class(module: dict[str, Any]) -> str:
+    """The class name of a sentence-transformers module (its package moved between versions)."""
+    return str(module.get("type", "")).rsplit(".", 1)[-1]
+
+
 def _pooling_from_st(path: Path, modules: list[dict[str, Any]]) -> Pooling | None:
     for module in modules:
-        kind = str(module.get("type", ""))
-        if kind.endswith("SpladePooling"):
+        kind = _module_class(module)
+        if kind == "SpladePooling":
             return Pooling.SPLADE
-        if kind.endswith("models.Pooling"):
+        if kind == "Pooling":
             cfg = _read_json(path / str(module.get("path", "1_Pooling")) / "config.json") or {}
-            if cfg.get("pooling_mode_cls_token"):
-                return Pooling.CLS
-            if cfg.get("pooling_mode_lasttoken"):
-                return Pooling.LAST_TOKEN
-            if cfg.get("pooling_mode_mean_tokens"):
-                return Pooling.MEAN
-            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
-            raise ModelError(f"pooling {modes} is not supported (supported: mean, cls, last_token, splade)")
+            return _pooling_mode(cfg)
     if (path / "1_Pooling" / "config.json").is_file():
-        return _pooling_from_st(path, [{"type": "models.Pooling", "path": "1_Pooling"}])
+        return _pooling_from_st(path, [{"type": "Pooling", "path": "1_Pooling"}])
     return None
+
+
+def _pooling_mode(cfg: dict[str, Any]) -> Pooling:
+    """The pooling a ``1_Pooling/config.json`` asks for, as any sentence-transformers version writes it."""
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if isinstance(mode, str) and mode in _ST_POOLING_MODES:
+        return _ST_POOLING_MODES[mode]
+    if mode is None:
+        if cfg.get("pooling_mode_cls_token"):
+            return Pooling.CLS
+        if cfg.get("pooling_mode_lasttoken"):
+            return Pooling.LAST_TOKEN
+        if cfg.get("pooling_mode_mean_tokens"):
+            return Pooling.MEAN
+        mode = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+    raise ModelError(f"pooling {mode} is not supported (supported: mean, cls, last_token, splade)")
 
 
 def _dense_layers(path: Path, modules: list[dict[str, Any]]) -> tuple[DenseLayer, ...]:
     layers = []
     for module in modules:
-        if not str(module.get("type", "")).endswith("models.Dense"):
+        if _module_class(module) != "Dense":
             continue
         folder = path / str(module.get("path", ""))
         cfg = _read_json(folder / "config.json") or {}
