@@ -200,3 +200,46 @@ def test_memory_tier_reads_corrupt_and_expired_values_as_misses() -> None:
         assert cache.counters.memory_hits == 1 and cache.counters.misses == 2
 
     asyncio.run(run())
+
+
+
+TTL_S = 2.0
+"""Long enough for the first read to come well before expiry, even on a loaded machine."""
+
+
+@pytest.mark.slow  # waits for real time to pass
+def test_cache_ttl_expires_entries(store: Store) -> None:
+    """``--cache-ttl``: an entry answers until its time is up, then reads as a miss; in the memory tier itself
+    (the ``memory`` case), and in LMDB and Redis behind a memory tier too small to hold it."""
+    import time
+
+    from embedfleet.cache.tiered import TieredCache
+
+    async def run() -> None:
+        if isinstance(store, MemoryStore):
+            cache = TieredCache(store, None, ttl=TTL_S)
+        else:
+            cache = TieredCache(MemoryStore(max_bytes=1), store, ttl=TTL_S)
+        cache.start()
+        (key, _), (forever, _) = _entries(A, 2)
+        vector = np.arange(16, dtype=np.float32)
+        written = time.monotonic()
+        await cache.put([(key, vector)])
+        await store.set_many([(forever, encode(vector))])  # written without an expiry
+        deadline = time.monotonic() + 30
+        while (await store.get_many([key]))[0] is None:  # the cache writes behind
+            assert time.monotonic() < deadline, "the entry never reached the store"
+            await asyncio.sleep(0.05)
+        got = (await cache.get([key]))[0]
+        if time.monotonic() - written < TTL_S * 0.75:  # (a stall that long would be no fault of the cache)
+            assert got is not None and np.array_equal(got, vector)  # alive before its time
+        while (await cache.get([key]))[0] is not None:
+            assert time.monotonic() < deadline, "the entry never expired"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - written >= TTL_S - 0.05  # expired, and not before its time
+        assert (await cache.get([forever]))[0] is not None
+        if store.name == "redis":
+            assert (await store.get_many([key]))[0] is None  # Redis's own expiry removed it too
+        await cache.close()
+
+    asyncio.run(run())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -265,20 +267,72 @@ def test_busy(tmp_path: Path) -> None:
     expect(FleetErrorCode.VERIFY_FAILED, registry.verify(str(broken), wait=True))  # idle again
 
 
-def test_verify_timeout_kills_child(tmp_path: Path) -> None:
+class Spawned:
+    """The verification children a registry starts: ``asyncio.create_subprocess_exec``, wrapped to keep each
+    process it returns (the registry holds them privately)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.processes: list[asyncio.subprocess.Process] = []
+        real = asyncio.create_subprocess_exec
+
+        async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+            process = await real(*args, **kwargs)
+            self.processes.append(process)
+            return process
+
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+
+    async def loading(self, timeout: float = 120.0) -> int:
+        """The pid of the (first) child once it is loading the model: torch's libraries are mapped into it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes:
+                pid = self.processes[0].pid
+                with contextlib.suppress(OSError):
+                    if b"/torch/lib/" in Path(f"/proc/{pid}/maps").read_bytes():
+                        return pid
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no verification child loading the model after {timeout}s: {self.processes}")
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> Spawned:
+    """Record the registry's child processes for this test."""
+    return Spawned(monkeypatch)
+
+
+def assert_gone(pid: int, timeout: float = 30.0) -> None:
+    """The process no longer exists, not even as a zombie (it was reaped), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} still exists {timeout}s later")
+        time.sleep(0.05)
+
+
+def test_verify_timeout_kills_child(tmp_path: Path, spawned: Spawned) -> None:
     registry = ModelRegistry(hf_cache_dir=tmp_path / "none", verify_timeout=0.2)
     error = expect(FleetErrorCode.VERIFY_FAILED, registry.verify("default", wait=True))
     assert "timed out after 0.2 s" in error.message
+    [child] = spawned.processes
+    # Killed (not left to finish its check) and reaped by the registry before verify() returned.
+    assert child.returncode == -signal.SIGKILL
+    assert_gone(child.pid)
 
 
-@pytest.mark.parametrize("after", [0.0, 1.0])
-def test_close_interrupts_verification(tmp_path: Path, after: float) -> None:
+@pytest.mark.parametrize("child", [False, True], ids=["before-the-child-runs", "while-the-child-loads"])
+def test_close_interrupts_verification(tmp_path: Path, spawned: Spawned, child: bool) -> None:
     registry = ModelRegistry(hf_cache_dir=tmp_path / "none")
 
     async def main() -> None:
         assert (await registry.verify("default", wait=False)).state is ModelState.VERIFYING
-        # 0: before the child starts; 1: while it loads the model (it is killed)
-        await asyncio.sleep(after)
+        if child:
+            await spawned.loading()
+            assert registry.get("default").state is ModelState.VERIFYING  # still running when close() comes
         await asyncio.wait_for(registry.close(), 30)
 
     run(main())
@@ -286,6 +340,12 @@ def test_close_interrupts_verification(tmp_path: Path, after: float) -> None:
     assert record.state is ModelState.DOWNLOADED
     assert record.error == "interrupted: the verification did not finish"
     assert _verify_children() == []  # killed and reaped
+    if child:
+        [process] = spawned.processes
+        assert process.returncode == -signal.SIGKILL  # killed, not waited for until it finished
+        assert_gone(process.pid)
+    else:
+        assert spawned.processes == []  # close() came first: no child was ever handed to the registry
 
 
 def _verify_children() -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.gateway.support import gateway_key, metric_value, wait_for, wait_until_stored
 from tests.helpers import GatewayProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -137,12 +139,25 @@ def test_token_estimate_follows_the_workers_counts(gateway: GatewayProcess) -> N
 def test_cache_control(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
     text = {"inputs": "cache control text"}
     gateway.post("/embed", text)
+    assert gateway.post("/embed", text).headers["x-cache"] == "hit"  # cached
     before = _computed(workers)
     fresh = gateway.post("/embed", text, headers={"cache-control": "no-cache"})
     assert fresh.headers["x-cache"] == "miss" and _computed(workers) == before + 1
-    nostore = gateway.post("/embed", {"inputs": "never stored"}, headers={"cache-control": "no-store"})
-    assert nostore.headers["x-cache"] == "miss"
-    assert gateway.post("/embed", {"inputs": "never stored"}).headers["x-cache"] == "miss"
+
+
+def test_no_store_neither_reads_nor_writes(gateway: GatewayProcess, workers: list[WorkerProcess]) -> None:
+    cached = {"inputs": "no-store: a text in the cache"}
+    gateway.post("/embed", cached)
+    assert gateway.post("/embed", cached).headers["x-cache"] == "hit"
+    before = _computed(workers)
+    ignored = gateway.post("/embed", cached, headers={"cache-control": "no-store"})
+    assert ignored.status_code == 200 and ignored.headers["x-cache"] == "miss"  # not read...
+    assert _computed(workers) == before + 1  # ...but computed by a worker
+    new = {"inputs": "no-store: a text never stored"}
+    assert gateway.post("/embed", new, headers={"cache-control": "No-Store"}).headers["x-cache"] == "miss"
+    assert _computed(workers) == before + 2
+    after = gateway.post("/embed", new)  # nothing was written: computed once more
+    assert after.headers["x-cache"] == "miss" and _computed(workers) == before + 3
 
 
 def test_upstream_errors_pass_through(gateway: GatewayProcess) -> None:
@@ -201,11 +216,18 @@ def test_openai_usage_counts_tokens_on_misses_and_hits(gateway: GatewayProcess, 
 def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, workers: list[WorkerProcess],
                                                  lmdb_path: Path, tmp_path: Path) -> None:
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"
+    wait_until_stored(f"lmdb://{lmdb_path}", [gateway_key(gateway, "persisted text")])  # written behind
+    before = _computed(workers)
+    # Started after the first gateway wrote: the second one's memory tier is cold, and its very first
+    # request must be answered from LMDB, with no worker asked.
     second = _gateway(workers, f"lmdb://{lmdb_path}", tmp_path)
     try:
-        deadline = time.monotonic() + 10  # the first gateway writes behind: poll, don't sleep
-        while second.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] != "hit":
-            assert time.monotonic() < deadline
+        first = second.post("/embed", {"inputs": "persisted text"})
+        assert first.status_code == 200 and first.headers["x-cache"] == "hit"
+        assert second.metric("embedfleet_cache_lookups_total", result="store_hit") == 1
+        assert second.metric("embedfleet_cache_lookups_total", result="memory_hit") == 0
+        assert second.metric("embedfleet_upstream_inputs_total") == 0
+        assert _computed(workers) == before
     finally:
         second.stop()
     gateway.stop()
@@ -215,9 +237,7 @@ def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, worker
     assert stats["store"]["entries"] >= 1
     assert gateway.metric("embedfleet_cache_store_seconds_count", op="read") >= 1
     gateway.post("/embed", {"inputs": "written after the restart"})
-    deadline = time.monotonic() + 10
-    while gateway.metric("embedfleet_cache_store_seconds_count", op="write") < 1:  # written behind
-        assert time.monotonic() < deadline
+    wait_for(lambda: gateway.metric("embedfleet_cache_store_seconds_count", op="write") >= 1, "a write behind")
     assert gateway.request_delete() == 401  # admin routes need the admin key
     assert httpx.delete(f"{gateway.url}/cache", headers={"authorization": f"Bearer {ADMIN}"}).status_code == 200
     assert gateway.post("/embed", {"inputs": "persisted text"}).headers["x-cache"] == "miss"
@@ -225,27 +245,40 @@ def test_restart_and_a_second_gateway_share_lmdb(gateway: GatewayProcess, worker
 
 def test_kill_a_worker_mid_load_loses_no_request(start_worker: object, tmp_path: Path) -> None:
     pair = [start_worker("--max-client-batch-size", "8") for _ in range(2)]  # type: ignore[operator]
+    victim = pair[0]
     g = _gateway(pair, "memory://", tmp_path)
     try:
-        async def load() -> list[int]:
-            async with httpx.AsyncClient(base_url=g.url, timeout=60) as client:
-                async def one(i: int) -> int:
-                    r = await client.post("/embed", json={"inputs": [f"load {i} {j}" for j in range(16)]})
-                    return r.status_code
+        async def victim_busy(client: httpx.AsyncClient) -> bool:
+            """Calls to the victim are under way: the gateway counts them, and the victim is working on them."""
+            gateway_side = metric_value((await client.get("/metrics")).text, "embedfleet_upstream_in_flight",
+                                        upstream=victim.url)
+            worker_side = metric_value((await client.get(f"{victim.url}/metrics")).text, "te_request_in_flight")
+            return gateway_side > 0 and worker_side > 0
 
-                first = await asyncio.gather(*(one(i) for i in range(10)))
-                pair[0].kill()
-                rest = await asyncio.gather(*(one(i) for i in range(10, 60)))
-                return [*first, *rest]
+        async def load() -> list[int | str]:
+            async with httpx.AsyncClient(base_url=g.url, timeout=120) as client:
+                async def one(i: int) -> int | str:
+                    texts = [f"load {i} {j} " + "some words " * 20 for j in range(16)]  # 2 calls of 8 each
+                    try:
+                        return (await client.post("/embed", json={"inputs": texts})).status_code
+                    except httpx.HTTPError as exc:  # counted as an outcome too
+                        return type(exc).__name__
+
+                burst = [asyncio.create_task(one(i)) for i in range(40)]
+                deadline = time.monotonic() + 60
+                while not await victim_busy(client):
+                    assert time.monotonic() < deadline and not all(t.done() for t in burst), "victim never busy"
+                    await asyncio.sleep(0.05)
+                victim.kill()  # SIGKILL with requests in flight on it
+                return await asyncio.gather(*burst)
 
         codes = asyncio.run(load())
-        assert codes == [200] * 60
-        assert g.metric("embedfleet_upstream_healthy", upstream=pair[0].url) == 0
+        assert Counter(codes) == {200: 40}  # every request's outcome: none failed
+        assert g.metric("embedfleet_upstream_retries_total") >= 1  # the victim's calls went to the other one
+        assert g.metric("embedfleet_upstream_healthy", upstream=victim.url) == 0
         assert g.get("/health").status_code == 200
         pair[1].kill()
-        deadline = time.monotonic() + 10
-        while g.get("/health").status_code != 503:
-            assert time.monotonic() < deadline
+        wait_for(lambda: g.get("/health").status_code == 503, "503 with no replica left")
         r = g.post("/embed", {"inputs": "nobody left"})
         assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy"
     finally:

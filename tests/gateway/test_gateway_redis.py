@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.cache.redis_server import RedisServer, needs_redis_server
+from tests.gateway.support import gateway_key, wait_for, wait_until_stored
 from tests.helpers import GatewayProcess, WorkerProcess
 
 pytestmark = [pytest.mark.slow, needs_redis_server]
@@ -20,10 +20,8 @@ def _gateway(worker: WorkerProcess, cache: str, log_dir: Path) -> GatewayProcess
                           log_dir, log_dir).start()
 
 
-def _wait_for_hit(g: GatewayProcess, text: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while g.post("/embed", {"inputs": text}).headers["x-cache"] != "hit":
-        assert time.monotonic() < deadline, f"{text!r} never became a hit"
+def _wait_for_hit(g: GatewayProcess, text: str, timeout: float = 30.0) -> None:
+    wait_for(lambda: g.post("/embed", {"inputs": text}).headers["x-cache"] == "hit", f"{text!r} a hit", timeout)
 
 
 def test_two_gateways_share_redis_and_survive_its_death(start_worker: object, tmp_path: Path) -> None:
@@ -34,7 +32,13 @@ def test_two_gateways_share_redis_and_survive_its_death(start_worker: object, tm
         b = _gateway(worker, redis.url, tmp_path / "b")
         try:
             assert a.post("/embed", {"inputs": "shared through redis"}).headers["x-cache"] == "miss"
-            _wait_for_hit(b, "shared through redis")  # written behind by a, read by b
+            wait_until_stored(redis.url, [gateway_key(a, "shared through redis")])  # written behind by a
+            before = worker.metric("te_embed_count_total")
+            first = b.post("/embed", {"inputs": "shared through redis"})  # b's first request: read from Redis
+            assert first.status_code == 200 and first.headers["x-cache"] == "hit"
+            assert b.metric("embedfleet_cache_lookups_total", result="store_hit") == 1
+            assert b.metric("embedfleet_upstream_inputs_total") == 0
+            assert worker.metric("te_embed_count_total") == before  # no worker was asked
 
             async def load() -> list[int]:
                 async with httpx.AsyncClient(base_url=a.url, timeout=60) as client:

@@ -12,6 +12,7 @@ import pytest
 
 from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key
 from tests.cache.redis_server import RedisServer, needs_redis_server
+from tests.gateway.support import POLL_S
 from tests.helpers import GatewayProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -41,12 +42,13 @@ def _key(g: GatewayProcess, text: str, **params: object) -> bytes:
 
 
 def _poll_hit(g: GatewayProcess, body: dict[str, object]) -> bytes:
-    deadline = time.monotonic() + 10  # writes go behind: poll, never sleep
+    deadline = time.monotonic() + 30  # writes go behind: poll for the hit, with a pause that leaves them the CPU
     while True:
         r = g.post("/embed", body)
         if r.headers["x-cache"] == "hit":
             return r.content
         assert time.monotonic() < deadline, "entry never reached the store"
+        time.sleep(POLL_S)
 
 
 def test_store_hits_are_byte_equal(worker: WorkerProcess, store_url: str, tmp_path: Path) -> None:
@@ -107,3 +109,22 @@ def test_corrupt_entry_is_a_miss_and_is_overwritten(worker: WorkerProcess, kind:
         g.stop()
         if redis is not None:
             redis.close()
+
+
+def test_cache_ttl_setting_expires_entries(worker: WorkerProcess, tmp_path: Path) -> None:
+    # The flag reaches the cache: an entry hits, then, once its 2 s are up, is computed again.
+    g = GatewayProcess(["--upstream", worker.url, "--cache", f"lmdb://{tmp_path / 'lmdb'}", "--cache-ttl", "2"],
+                       tmp_path, tmp_path).start()
+    try:
+        body = {"inputs": "lives two seconds"}
+        written = time.monotonic()
+        assert g.post("/embed", body).headers["x-cache"] == "miss"
+        if time.monotonic() - written < 1.5:  # (a stall that long would be no fault of the gateway)
+            assert g.post("/embed", body).headers["x-cache"] == "hit"
+        deadline = time.monotonic() + 30
+        while g.post("/embed", body).headers["x-cache"] != "miss":
+            assert time.monotonic() < deadline, "the entry never expired"
+            time.sleep(POLL_S)
+        assert time.monotonic() - written >= 1.9  # not before its time
+    finally:
+        g.stop()

@@ -1,0 +1,60 @@
+"""Helpers for the gateway's tests: polling with a deadline, cache keys as a gateway computes them, and a
+look straight into a cache store (to know that a write-behind has landed before another gateway reads)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key
+from embedfleet.cache.urls import open_store
+from tests.helpers import GatewayProcess
+
+POLL_S = 0.05
+"""Pause between two polls: short, but long enough that polling leaves the CPU to what it waits for."""
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(POLL_S)
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """One sample's value (summed over unnamed labels; 0 when absent) from a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(exposition) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def gateway_key(g: GatewayProcess, text: str, model: str | None = None, **params: object) -> bytes:
+    """The cache key the gateway gives ``text`` with these request parameters (``model``: the pool name)."""
+    import httpx
+
+    headers = {"x-model": model} if model else {}
+    info = httpx.get(f"{g.url}/info", headers=headers, timeout=30).json()
+    fp = ModelFingerprint(info["model_id"], info["model_sha"], info["task"], info["pooling"])
+    params.setdefault("truncate", info["auto_truncate"])  # what a request without `truncate` gets
+    return cache_key(fp, EmbedParams(**params), text)  # type: ignore[arg-type]
+
+
+def wait_until_stored(store_url: str, keys: list[bytes], timeout: float = 30.0) -> None:
+    """Poll the store behind ``store_url`` (opened here, as another gateway would) until it holds every key:
+    a gateway writes behind, so this is how a test knows the write has landed."""
+
+    async def run() -> None:
+        store = open_store(store_url)
+        assert store is not None, f"{store_url} has no persistent store"
+        try:
+            deadline = time.monotonic() + timeout
+            while any(v is None for v in await store.get_many(keys)):
+                assert time.monotonic() < deadline, f"entries never reached {store_url} within {timeout}s"
+                await asyncio.sleep(POLL_S)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
