@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from embedfleet.config import WorkerSettings, optional_fields
+from embedfleet.fleet.errors import FleetError
+from embedfleet.fleet.registry import validate_model_id
 
 # Names become file names (logs) and URL segments: letters, digits, '.', '_' and '-', no leading dot.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -59,6 +61,23 @@ class _Instance(WorkerOptions):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        """``default``, an absolute folder path, or a Hugging Face id, as the model registry accepts them:
+        never anything a worker's command line would read as an option."""
+        if value is None or value == "default":
+            return value
+        if value.startswith("/"):
+            if ".." in value.split("/") or any(c.isspace() or not c.isprintable() for c in value):
+                raise ValueError(f"invalid model folder {value!r}")
+            return value
+        try:
+            validate_model_id(value)
+        except FleetError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @field_validator("url")
     @classmethod

@@ -54,7 +54,7 @@ class GatewayCollector(Collector):
             retries.add_metric([name], service.pool.retried)
             ejections.add_metric([name], service.pool.ejections)
             for u in service.pool.upstreams:
-                in_flight.add_metric([name, u.url], u.in_flight)
-                healthy.add_metric([name, u.url], 1.0 if u.healthy else 0.0)
+                in_flight.add_metric([name, u.label], u.in_flight)
+                healthy.add_metric([name, u.label], 1.0 if u.healthy else 0.0)
         yield from (hits, misses, sent, retries, ejections, in_flight, healthy, ratio)
         yield from self.cache.store_latency.collect()

@@ -69,6 +69,21 @@ def _dropped_before_answer(exc: BaseException) -> bool:
             and not isinstance(exc, aiohttp.ClientConnectorError))
 
 
+def describe(exc: BaseException) -> str:
+    """An exception in words, never empty (a timeout's message is)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and metrics: any ``user:password@`` in it replaced by ``***@``."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" not in host:
+        return url
+    return f"{scheme}{sep}***@{host.rpartition('@')[2]}{slash}{path}"
+
+
 def parse_json(reply: Reply) -> Any:
     """A reply's JSON body (ValueError where it is not JSON)."""
     return orjson.loads(reply.body)
@@ -122,6 +137,8 @@ class Upstream:
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self.label = redact(self.url)
+        """The URL without credentials: what logs, metrics and /info show."""
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self.healthy = False
@@ -151,7 +168,7 @@ class Upstream:
         except aiohttp.ClientError as exc:
             if not _dropped_before_answer(exc):
                 raise
-            log.debug("upstream %s dropped a connection (%s); sending again", self.url, exc)
+            log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
             return await self._call("POST", route, data=data, headers=headers)
 
     async def refresh(self) -> bool:
@@ -166,7 +183,7 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
             healthy = False
         if healthy != self.healthy:
-            log.info("upstream %s is %s", self.url, "healthy" if healthy else "unhealthy")
+            log.info("upstream %s is %s", self.label, "healthy" if healthy else "unhealthy")
         self.healthy = healthy
         return healthy
 
@@ -181,7 +198,7 @@ class Upstream:
         finally:
             self.in_flight -= weight
         if reply.status >= 500:
-            raise UpstreamFailed(f"{reply.status} {reply.reason} from {self.url}")
+            raise UpstreamFailed(f"{reply.status} {reply.reason} from {self.label}")
         if reply.status >= 400:
             raise _upstream_error(reply)
         return parse(reply)
@@ -244,14 +261,14 @@ class Pool:
             upstream = Upstream(url, self.timeout)
             if not await upstream.refresh() or upstream.info is None:
                 await upstream.close()
-                raise ValueError(f"{url} is not healthy")
+                raise ValueError(f"{upstream.label} is not healthy")
             ours = self.info
             if ours is not None and upstream.info.fingerprint != ours.fingerprint:
                 await upstream.close()
-                raise ValueError(f"{url} serves {upstream.info.fingerprint.name}, but pool {self.name!r} serves "
-                                 f"{ours.fingerprint.name}")
+                raise ValueError(f"{upstream.label} serves {upstream.info.fingerprint.name}, but pool {self.name!r} "
+                                 f"serves {ours.fingerprint.name}")
             self.upstreams = [*self.upstreams, upstream]
-            log.info("upstream %s joined pool %r", upstream.url, self.name)
+            log.info("upstream %s joined pool %r", upstream.label, self.name)
         upstream.healthy = True
         return upstream
 
@@ -261,14 +278,14 @@ class Pool:
         upstream = self.find(url)
         if upstream is not None:
             self.upstreams = [u for u in self.upstreams if u is not upstream]
-            log.info("upstream %s left pool %r", upstream.url, self.name)
+            log.info("upstream %s left pool %r", upstream.label, self.name)
         return upstream
 
     def _eject(self, upstream: Upstream, reason: BaseException) -> None:
         if upstream.healthy:
             upstream.healthy = False
             self.ejections += 1
-            log.warning("ejected upstream %s: %s", upstream.url, reason or type(reason).__name__)
+            log.warning("ejected upstream %s: %s", upstream.label, describe(reason))
 
     async def post(self, route: str, body: dict[str, Any], weight: int = 1,
                    parse: Callable[[Reply], T] = parse_json, accept: str | None = None) -> T:
@@ -291,7 +308,7 @@ class Pool:
             except FAILURES as exc:
                 last = exc
                 self._eject(upstream, exc)
-        detail = f" (last error: {last})" if last else ""
+        detail = f" (last error: {describe(last)})" if last else ""
         raise errors.unhealthy(f"no healthy upstream for model {self.name!r}{detail}")
 
     async def close(self) -> None:
