@@ -71,7 +71,8 @@ def test_a_waiter_never_gets_another_requests_error() -> None:
         server = HoldingServer()
         pool = Pool("m", [await server.start()], health_interval=None)
         upstream = pool.upstreams[0]
-        upstream.healthy, upstream.info = True, UpstreamInfo.parse(INFO)
+        upstream.alive, upstream.info = True, UpstreamInfo.parse(INFO)
+        pool.settle()
         service = EmbeddingService(pool, TieredCache(MemoryStore(1 << 20), None), 32)
         try:
             first = asyncio.create_task(service.embed(["shared text", BAD]))

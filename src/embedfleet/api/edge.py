@@ -105,6 +105,10 @@ def _extra_headers(exc: ClientError) -> dict[str, str] | None:
 INPUT_HEADER = "x-error-input"
 """Response header of an error about one input: its position in the request's batch."""
 
+MODEL_HEADER = "x-embedfleet-model"
+"""Response header of a worker's answers: the tag of the model fingerprint that computed them, which a
+gateway checks against the fingerprint it keys the answer's cache entries with."""
+
 
 async def send_error(send: Send, exc: ClientError, path: str, rendered: tuple[int, bytes] | None = None) -> None:
     """Answer a raw ASGI request with an error (``rendered``: its status and body, where already made)."""

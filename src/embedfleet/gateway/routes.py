@@ -159,7 +159,8 @@ async def info(request: Request, state: State) -> Response:
         raise errors.unhealthy(f"no upstream of {service.pool.name!r} has answered /info yet")
     return json_response({**up.raw, "max_client_batch_size": state.max_client_batch_size, "version": __version__,
                           "served_model_name": service.pool.name, "models": list(state.router.services),
-                          "upstreams": [{"url": u.label, "healthy": u.healthy} for u in service.pool.upstreams]})
+                          "upstreams": [{"url": u.label, "healthy": u.healthy, "kept_out": u.mismatch}
+                                        for u in service.pool.upstreams]})
 
 
 @router.get("/health", tags=["TEI"])

@@ -339,10 +339,15 @@ class EmbeddingService:
         self.upstream_inputs += len(items)
         starts = list(itertools.accumulate((len(c) for c in chunks[:-1]), initial=0))
 
+        model = info.fingerprint.tag.hex()
+
+        def parse(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
+            return read_embeddings(reply, model)
+
         async def call(chunk: list[str | list[int]], start: int) -> tuple[np.ndarray, np.ndarray | None]:
             try:
                 return await self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
-                                            parse=read_embeddings, accept=binary.ACCEPT)
+                                            parse=parse, accept=binary.ACCEPT)
             except EngineError as exc:  # name the input by its position in ``items`` (if the upstream's is sane)
                 if exc.input is None:
                     raise
@@ -365,12 +370,17 @@ class EmbeddingService:
         return vectors, tokens
 
 
-def read_embeddings(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
+def read_embeddings(reply: Reply, model: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """An upstream's /embed answer: ``(vectors [n, dim] float32, token counts or None)``.
 
     An embedfleet worker answers in the binary form the gateway asks for, with token counts; a TEI server
-    answers JSON, without. ValueError for a body that is neither (the pool then tries another replica).
+    answers JSON, without. ValueError for a body that is neither, or that a worker computed with another
+    model than ``model`` (a fingerprint tag): the pool then ejects the replica, reads its /info again,
+    and tries another; such vectors are never cached under the wrong model.
     """
+    if model is not None and reply.model is not None and reply.model != model:
+        raise ValueError(f"the replica answered with model {reply.model}, not the pool's {model}: it was "
+                         "restarted with another model")
     if reply.content_type == binary.MEDIA_TYPE:
         return binary.decode(reply.body)
     rows = orjson.loads(reply.body)
