@@ -323,6 +323,12 @@ class FleetSettings(Settings):
     start_timeout: float = Field(600.0, gt=0, description="seconds a worker may take to become healthy")
     stop_timeout: float = Field(15.0, gt=0, description="seconds between SIGTERM and SIGKILL")
     max_instances: int = Field(64, ge=1, description="instances the fleet runs at most")
+    external_hosts: list[str] | None = Field(
+        None, description="hosts (HOST or HOST:PORT) that external instances (`url`) may point at, repeated; "
+                          "unset: any. An external instance joins its pool and sees the texts sent to it")
+    allow_open_admin: bool = Field(
+        False, description="serve /admin without any key on an address other than loopback (anyone who can "
+                           "reach the port could then start processes and read texts); refused otherwise")
     log_level: LogLevel = Field("info", description="log level (of the workers too)")
     log_format: LogFormat = Field("text", description="text, or one JSON object a line")
 

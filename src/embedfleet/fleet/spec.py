@@ -82,9 +82,13 @@ class _Instance(WorkerOptions):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError(f"url {value!r} is not an http(s) URL")
-        return value.rstrip("/") if value else value
+        """``http(s)://HOST[:PORT]``: the gateway calls TEI's routes at the root of the server."""
+        if value is None:
+            return value
+        if not re.fullmatch(r"https?://[^\s/@]+/?", value):
+            raise ValueError(f"url {value!r} must be http(s)://HOST[:PORT], without a path or credentials "
+                             "(TEI's routes are served at the root)")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

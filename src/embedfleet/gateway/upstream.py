@@ -299,10 +299,12 @@ class Pool:
         another model). ValueError if it is not alive, or serves another model than the pool's other live
         replicas (it is kept out)."""
         upstream = self.find(url)
+        if upstream is not None and upstream.healthy:
+            return upstream  # a member in good standing (the supervisor joins after every health check)
         new = upstream is None
         if upstream is None:
             upstream = Upstream(url, self.timeout)
-        upstream.alive = False  # whatever it was: read /info again
+        upstream.alive = False  # ejected, or new: read its /info again
         if not await upstream.refresh() or upstream.info is None:
             if new:
                 await upstream.close()
