@@ -261,8 +261,17 @@ class Supervisor:
                 for i in self.instances.values()]
 
     async def _changed(self) -> None:
-        if self.on_change is not None:
+        """Persist the desired state; STATE_NOT_SAVED where it cannot be written. Every change is saved
+        before it is applied (and undone in memory when the save fails), so what the API answered, what
+        runs and what a restarted fleet restores never disagree."""
+        if self.on_change is None:
+            return
+        try:
             await self.on_change()
+        except OSError as exc:
+            log.error("the fleet's state could not be saved: %s", exc)
+            raise FleetError(FleetErrorCode.STATE_NOT_SAVED, f"the fleet's state could not be saved "
+                             f"({exc.strerror or exc}); nothing was changed") from exc
 
     def get(self, name: str) -> Instance:
         """The instance, or INSTANCE_NOT_FOUND."""
@@ -335,23 +344,35 @@ class Supervisor:
                 self.membership.ensure(spec.pool)
                 added.append(instance)
         if persist:
-            await self._changed()
+            try:
+                await self._changed()
+            except FleetError:
+                async with self._lock:
+                    for instance in added:
+                        self.instances.pop(instance.spec.name, None)
+                        instance.log.close()
+                raise
         if start and not stopped:
             for instance in added:
                 self._launch(instance)
         return added
 
     async def remove(self, name: str) -> None:
-        """Stop and forget an instance."""
+        """Stop and forget an instance (forgotten on disk first)."""
         instance = self.get(name)
         async with instance.lock:
-            await self._halt(instance)
             async with self._lock:
                 self.instances.pop(name, None)
+            try:
+                await self._changed()
+            except FleetError:
+                async with self._lock:
+                    self.instances[name] = instance
+                raise
+            await self._halt(instance)
             instance.log.close()
         if not any(i.spec.pool == instance.spec.pool for i in self.instances.values()):
             await self.membership.forget(instance.spec.pool)
-        await self._changed()
 
     async def start(self, name: str) -> Instance:
         """Start a stopped or failed instance."""
@@ -359,11 +380,19 @@ class Supervisor:
         async with instance.lock:
             if instance.state in ACTIVE:
                 raise FleetError(FleetErrorCode.ALREADY_RUNNING, f"instance {name!r} is {instance.state.value}")
-            instance.stopped_by_user = False
+            await self._set_stopped(instance, False)
             instance.recent_restarts.clear()
             self._launch(instance)
-        await self._changed()
         return instance
+
+    async def _set_stopped(self, instance: Instance, stopped: bool) -> None:
+        """Record whether a user stopped the instance, saved before anything is done about it."""
+        before, instance.stopped_by_user = instance.stopped_by_user, stopped
+        try:
+            await self._changed()
+        except FleetError:
+            instance.stopped_by_user = before
+            raise
 
     async def stop(self, name: str) -> Instance:
         """Stop an instance and keep it stopped (across health checks and restarts of the fleet)."""
@@ -371,20 +400,18 @@ class Supervisor:
         async with instance.lock:
             if instance.state not in ACTIVE and instance.state != InstanceState.PENDING:
                 raise FleetError(FleetErrorCode.NOT_RUNNING, f"instance {name!r} is {instance.state.value}")
-            instance.stopped_by_user = True
+            await self._set_stopped(instance, True)
             await self._halt(instance)
-        await self._changed()
         return instance
 
     async def restart(self, name: str) -> Instance:
         """Stop (if running) and start again, with a fresh restart budget."""
         instance = self.get(name)
         async with instance.lock:
+            await self._set_stopped(instance, False)
             await self._halt(instance)
-            instance.stopped_by_user = False
             instance.recent_restarts.clear()
             self._launch(instance)
-        await self._changed()
         return instance
 
     async def close(self) -> None:
