@@ -263,7 +263,10 @@ class GatewaySettings(Settings):
     cache_ttl: float | None = Field(None, gt=0, description="seconds an entry lives (default: forever)")
     max_client_batch_size: int = Field(2048, ge=1, description="inputs per request; split across upstreams")
     payload_limit: int = Field(32_000_000, ge=1, description="largest request body in bytes")
-    upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take")
+    upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take, plus one for "
+                                                            "every 250 estimated tokens it carries")
+    max_concurrent_requests: int = Field(1024, ge=1, description="POSTs under way before the gateway answers "
+                                                                 "429 Overloaded")
     health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
     store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
     api_key: list[str] = Field(default_factory=list, description="key accepted as Authorization: Bearer KEY, "

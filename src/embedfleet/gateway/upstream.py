@@ -57,6 +57,15 @@ FAILURES = (aiohttp.ClientError, TimeoutError, UpstreamFailed, ValueError)
 """What a call to a replica raises when the replica failed it (ValueError: a body that cannot be read)."""
 
 
+MIN_TOKENS_PER_S = 250.0
+"""The slowest a replica is expected to embed (a large model on a small CPU): a call's deadline is the
+configured timeout plus its estimated tokens at this rate, so one large valid request is never cut short
+(and its replica never ejected) for being large."""
+
+MAX_CALLS_PER_UPSTREAM = 64
+"""Calls in flight to one replica at most; more wait their turn in the gateway rather than pile up in
+the replica's queue."""
+
 UPSTREAM_IDLE_S = 30.0
 """How long the gateway keeps an idle connection to a replica: below the workers' own idle timeout
 (``api.edge.KEEP_ALIVE_S``), so the gateway, not the worker, closes idle connections."""
@@ -145,6 +154,8 @@ class Upstream:
         """Why an alive replica is kept out of its pool: it serves another model than the rest."""
         self.in_flight = 0  # estimated tokens of the calls under way
         self.info: UpstreamInfo | None = None
+        self.base_timeout = timeout
+        self._calls = asyncio.Semaphore(MAX_CALLS_PER_UPSTREAM)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -163,15 +174,28 @@ class Upstream:
                          int(position) if position is not None and position.isdigit() else None,
                          r.headers.get(MODEL_HEADER))
 
-    async def _send(self, route: str, data: bytes, headers: dict[str, str]) -> Reply:
+    def deadline(self, weight: int) -> float:
+        """Seconds a call of ``weight`` estimated tokens may take: it grows with the work asked for."""
+        return self.base_timeout + weight / MIN_TOKENS_PER_S
+
+    async def _send(self, route: str, data: bytes, headers: dict[str, str], weight: int) -> Reply:
         """POST once, and once more where the connection was dropped before any answer."""
+        timeout = aiohttp.ClientTimeout(total=self.deadline(weight))
+        async with self._calls:
+            try:
+                return await self._call("POST", route, timeout, data=data, headers=headers)
+            except aiohttp.ClientError as exc:
+                if not _dropped_before_answer(exc):
+                    raise
+                log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
+                return await self._call("POST", route, timeout, data=data, headers=headers)
+
+    async def answers_health(self) -> bool:
+        """Whether the replica answers /health now (without changing what the pool thinks of it)."""
         try:
-            return await self._call("POST", route, data=data, headers=headers)
-        except aiohttp.ClientError as exc:
-            if not _dropped_before_answer(exc):
-                raise
-            log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
-            return await self._call("POST", route, data=data, headers=headers)
+            return (await self._call("GET", "/health", _CHECK_TIMEOUT)).status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def refresh(self) -> bool:
         """Check /health; returns whether the replica is alive. /info is read again whenever the replica
@@ -197,7 +221,7 @@ class Upstream:
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
         try:
-            reply = await self._send(route, orjson.dumps(body), headers)
+            reply = await self._send(route, orjson.dumps(body), headers, weight)
         finally:
             self.in_flight -= weight
         if reply.status >= 500:
@@ -343,8 +367,10 @@ class Pool:
         on another."""
         tried: set[Upstream] = set()
         last: BaseException | None = None
+        busy = False
         for attempt in range(self.retries + 1):
-            candidates = [u for u in self.healthy if u not in tried] or self.healthy
+            untried = [u for u in self.healthy if u not in tried]
+            candidates = untried or ([] if busy else self.healthy)
             if not candidates:
                 break
             upstream = min(candidates, key=lambda u: u.in_flight)
@@ -357,7 +383,15 @@ class Pool:
                 raise
             except FAILURES as exc:
                 last = exc
+                if isinstance(exc, TimeoutError) and await upstream.answers_health():
+                    busy = True  # slow because busy, not broken: kept in the pool
+                    log.warning("upstream %s is busy: a call of ~%d tokens took more than %.0fs", upstream.label,
+                                weight, upstream.deadline(weight))
+                    continue
                 self._eject(upstream, exc)
+        if busy:
+            raise errors.overloaded(f"the replicas of model {self.name!r} are busy: the call did not finish in "
+                                    "time; retry later")
         detail = f" (last error: {describe(last)})" if last else ""
         raise errors.unhealthy(f"no healthy upstream for model {self.name!r}{detail}")
 
