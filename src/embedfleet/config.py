@@ -263,7 +263,10 @@ class GatewaySettings(Settings):
     cache_ttl: float | None = Field(None, gt=0, description="seconds an entry lives (default: forever)")
     max_client_batch_size: int = Field(2048, ge=1, description="inputs per request; split across upstreams")
     payload_limit: int = Field(32_000_000, ge=1, description="largest request body in bytes")
-    upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take")
+    upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take, plus one for "
+                                                            "every 250 estimated tokens it carries")
+    max_concurrent_requests: int = Field(1024, ge=1, description="POSTs under way before the gateway answers "
+                                                                 "429 Overloaded")
     health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
     store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
     api_key: list[str] = Field(default_factory=list, description="key accepted as Authorization: Bearer KEY, "
@@ -323,6 +326,12 @@ class FleetSettings(Settings):
     start_timeout: float = Field(600.0, gt=0, description="seconds a worker may take to become healthy")
     stop_timeout: float = Field(15.0, gt=0, description="seconds between SIGTERM and SIGKILL")
     max_instances: int = Field(64, ge=1, description="instances the fleet runs at most")
+    external_hosts: list[str] | None = Field(
+        None, description="hosts (HOST or HOST:PORT) that external instances (`url`) may point at, repeated; "
+                          "unset: any. An external instance joins its pool and sees the texts sent to it")
+    allow_open_admin: bool = Field(
+        False, description="serve /admin without any key on an address other than loopback (anyone who can "
+                           "reach the port could then start processes and read texts); refused otherwise")
     log_level: LogLevel = Field("info", description="log level (of the workers too)")
     log_format: LogFormat = Field("text", description="text, or one JSON object a line")
 

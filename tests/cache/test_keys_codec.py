@@ -71,8 +71,17 @@ def test_corrupt_torn_or_expired_values_are_misses() -> None:
 
 def test_keys_of_stored_entries_never_change() -> None:
     # Persistent stores hold entries under these keys: a changed hash input is a cold cache for everyone.
-    key = cache_key(ModelFingerprint("a", "b", "embedding", "mean"), EmbedParams(prompt_name="q"), "héllo")
-    assert key.hex() == "e4547a0b228b227585b57fe10e2a90ae376799ef0c5a2b447359a50f233a7b419bdb9422a235d01f"
+    # (Schema 2 added the precision; the schema-1 key of these inputs was e4547a0b...235d01f.)
+    key = cache_key(ModelFingerprint("a", "b", "embedding", "mean", "float32"), EmbedParams(prompt_name="q"), "héllo")
+    assert key.hex() == "afce7f4f0c9cb7be40ff6516592c005255bfb0bee5a4cdbb326c46a0f026721bdda24a95a2f27cff"
+
+
+def test_precisions_never_share_entries() -> None:
+    keys = {cache_key(ModelFingerprint("a", "b", "embedding", "mean", precision), EmbedParams(), "text")
+            for precision in (None, "float32", "float16", "bfloat16", "int8")}
+    assert len(keys) == 5
+    info = {"model_id": "a", "model_sha": "b", "model_type": {"embedding": {"pooling": "mean"}}, "model_dtype": "int8"}
+    assert ModelFingerprint.from_info(info) == ModelFingerprint("a", "b", "embedding", "mean", "int8")
 
 
 def test_values_keep_the_token_count() -> None:

@@ -16,7 +16,7 @@ import pytest
 from embedfleet.cache import EmbedParams, ModelFingerprint, cache_key, decode, encode
 from embedfleet.cache.base import Store
 from embedfleet.cache.lmdb_store import LmdbStore
-from embedfleet.cache.memory import MemoryStore
+from embedfleet.cache.memory import ENTRY_OVERHEAD, MemoryStore
 from tests.cache.redis_server import RedisServer, needs_redis_server
 
 A = ModelFingerprint("model-a", "1", "embedding", "mean")
@@ -74,7 +74,7 @@ def test_overwrite_replaces_a_corrupt_value(store: Store) -> None:
 def test_memory_lru_is_bounded_by_bytes() -> None:
     async def run() -> None:
         entries = _entries(A, 10)
-        size = len(entries[0][0]) + len(entries[0][1])
+        size = len(entries[0][0]) + len(entries[0][1]) + ENTRY_OVERHEAD
         store = MemoryStore(max_bytes=size * 4)
         await store.set_many(entries[:4])
         await store.get_many([entries[0][0]])  # entry 0 becomes most recent
@@ -137,7 +137,7 @@ def test_memory_tier_keeps_checked_entries_and_counts_rendered_forms() -> None:
         keys = [k for k, _ in _entries(A, 3)]
         await cache.put(list(zip(keys, vectors, strict=True)))
         base = (await memory.stats()).bytes
-        assert base == sum(len(k) + len(encode(v)) for k, v in zip(keys, vectors, strict=True))
+        assert base == sum(len(k) + len(encode(v)) + ENTRY_OVERHEAD for k, v in zip(keys, vectors, strict=True))
         found, missing = cache.lookup_memory(keys)
         assert not missing and cache.counters.memory_hits == 3
         extra = 0
@@ -149,7 +149,7 @@ def test_memory_tier_keeps_checked_entries_and_counts_rendered_forms() -> None:
             memory.keep(key, entry, json=json)
             memory.keep(key, entry, b64=b64)  # no longer the entry held: ignored
             memory.keep(key, memory.lookup([key])[0], b64=b64)  # type: ignore[arg-type]
-            extra += len(json) + len(b64)
+            extra += len(json) + len(b64) + 2 * sys.getsizeof(b"")  # each a bytes object of its own
         # Kept rendered forms count against the bound, and are served as they were rendered.
         assert (await memory.stats()).bytes == base + extra
         again, _ = cache.lookup_memory(keys)
@@ -167,7 +167,7 @@ def test_kept_rendered_forms_respect_the_bound() -> None:
 
     async def run() -> None:
         entries = _entries(A, 6)
-        size = len(entries[0][0]) + len(entries[0][1])
+        size = len(entries[0][0]) + len(entries[0][1]) + ENTRY_OVERHEAD
         store = MemoryStore(max_bytes=size * 4)
         await store.set_many(entries[:4])
         assert (await store.stats()).bytes == size * 4
@@ -176,7 +176,7 @@ def test_kept_rendered_forms_respect_the_bound() -> None:
         store.keep(entries[0][0], hot, json=render_json(hot))  # over the bound now: the least recently used go
         stats = await store.stats()
         assert stats.bytes <= size * 4 and stats.entries < 4  # at least one evicted
-        assert stats.bytes == sum(size + len(e[3] or b"") for e in store._data.values())
+        assert stats.bytes == sum(size + (len(e[3]) + sys.getsizeof(b"") if e[3] else 0) for e in store._data.values())
         assert (await store.get_many([entries[0][0]]))[0] == entries[0][1]  # the hot entry stayed
         await store.set_many(entries[:1])  # replaced: the rendered form goes with the old value
         assert (await store.stats()).bytes == size * len(store._data)

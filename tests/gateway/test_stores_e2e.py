@@ -36,7 +36,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def _key(g: GatewayProcess, text: str, **params: object) -> bytes:
     info = g.get("/info").json()
-    fp = ModelFingerprint(info["model_id"], info["model_sha"], info["task"], info["pooling"])
+    fp = ModelFingerprint.from_info(info)
     params.setdefault("truncate", info["auto_truncate"])  # what a request without `truncate` gets
     return cache_key(fp, EmbedParams(**params), text)  # type: ignore[arg-type]
 

@@ -105,6 +105,10 @@ def _extra_headers(exc: ClientError) -> dict[str, str] | None:
 INPUT_HEADER = "x-error-input"
 """Response header of an error about one input: its position in the request's batch."""
 
+MODEL_HEADER = "x-embedfleet-model"
+"""Response header of a worker's answers: the tag of the model fingerprint that computed them, which a
+gateway checks against the fingerprint it keys the answer's cache entries with."""
+
 
 async def send_error(send: Send, exc: ClientError, path: str, rendered: tuple[int, bytes] | None = None) -> None:
     """Answer a raw ASGI request with an error (``rendered``: its status and body, where already made)."""
@@ -174,12 +178,13 @@ class Edge:
     In order: ``/models/{name}/...`` becomes ``.../`` with ``X-Model: name`` (``route_models``); the API
     key the route needs (``auth``); a declared body over ``limit`` is refused before it is read, and
     a body that grows past it while read fails with 413; the request's latency by route and status
-    (``durations``, for ``routes``; others count as ``other``); one debug access-log line.
+    (``durations``, for ``routes``; others count as ``other``); one debug access-log line. With
+    ``max_in_flight``, a POST beyond that many under way is answered 429 ``Overloaded`` at once.
     """
 
     def __init__(self, app: ASGIApp, limit: int, auth: Auth | None = None, route_models: bool = False,
                  durations: Histogram | None = None, routes: Iterable[str] = (),
-                 access_log: logging.Logger | None = None) -> None:
+                 access_log: logging.Logger | None = None, max_in_flight: int | None = None) -> None:
         self.app = app
         self.limit = limit
         self.auth = auth
@@ -188,6 +193,8 @@ class Edge:
         self.routes = set(routes)
         self.access_log = access_log
         self._timers: dict[tuple[str, int], Any] = {}  # the histogram's children, by route and status
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # POSTs under way
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,17 +221,25 @@ class Edge:
             observed_send = observed
         try:
             problem, declared = self._refusal(scope)
+            cap = self.max_in_flight
+            counted = cap is not None and scope["method"] == "POST"
+            if problem is None and cap is not None and counted and self.in_flight >= cap:
+                problem = engine_errors.overloaded(f"more than {cap} requests under way; retry later")
             if problem is not None:
                 status, body = errors.render(problem, path)
                 await send_error(send, problem, path, (status, body))
                 return
             # A declared length within the limit is all the server reads (HTTP framing); a body of unknown
             # length (chunked) is counted as it comes.
-            await self.app(scope, receive if declared else self._limited(receive), observed_send)
+            self.in_flight += counted
+            try:
+                await self.app(scope, receive if declared else self._limited(receive), observed_send)
+            finally:
+                self.in_flight -= counted
         finally:
             self._observe(scope, path, status, started, tokens)
 
-    def _refusal(self, scope: Scope) -> tuple[EdgeError | None, bool]:
+    def _refusal(self, scope: Scope) -> tuple[ClientError | None, bool]:
         """Why the request is refused before it is read (no valid key, or a declared body too large), and
         whether its body has a declared length within the limit."""
         authorization = declared = None

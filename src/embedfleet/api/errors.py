@@ -75,6 +75,7 @@ STATUS: dict[ErrorKind | EdgeKind | FleetErrorCode, int] = {
     FleetErrorCode.METHOD_NOT_ALLOWED: 405,
     FleetErrorCode.PAYLOAD_TOO_LARGE: 413,
     FleetErrorCode.UNAVAILABLE: 503,
+    FleetErrorCode.STATE_NOT_SAVED: 507,
     FleetErrorCode.INTERNAL_ERROR: 500,
 }
 """The one map from an error to its HTTP status."""

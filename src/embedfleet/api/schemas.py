@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from embedfleet.engine.tokenization import TruncationDirection
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+Dimensions = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+"""Bounded like every integer we forward: a number beyond 64 bits cannot even be serialised again."""
 InputType = StrictStr | list[TokenId]
 """One input: a text, or a sequence of token ids that is used as is."""
 Input = InputType | list[InputType]
@@ -38,7 +40,7 @@ class EmbedRequest(_Truncation):
     inputs: Input
     normalize: StrictBool = True
     prompt_name: StrictStr | None = None
-    dimensions: Annotated[StrictInt, Field(ge=0)] | None = Field(
+    dimensions: Dimensions | None = Field(
         default=None, description="Keep the first N dimensions (Matryoshka), renormalised if normalize."
     )
 
@@ -117,7 +119,7 @@ class OpenAIEmbeddingRequest(_Request):
     input: Input
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[StrictInt, Field(ge=0)] | None = None
+    dimensions: Dimensions | None = None
     user: StrictStr | None = None
 
     @field_validator("encoding_format", mode="before")

@@ -10,8 +10,10 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
-KEY_SCHEMA_VERSION = 1
+KEY_SCHEMA_VERSION = 2
+"""2: the model fingerprint covers the numeric precision (``model_dtype``: float32, float16, bfloat16, int8)."""
 MODEL_TAG_BYTES = 8
 ENTRY_HASH_BYTES = 32
 KEY_BYTES = MODEL_TAG_BYTES + ENTRY_HASH_BYTES
@@ -30,16 +32,29 @@ def _field(value: str | None) -> bytes:
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What identifies a model's outputs, as its upstream's /info reports it."""
+    """What identifies a model's outputs, as its upstream's /info reports it: the model, its task and
+    pooling, and the precision it runs at (an int8 or bfloat16 replica's vectors are not a float32 one's)."""
 
     model_id: str
     revision: str | None
     task: str
     pooling: str | None
+    precision: str | None = None
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> ModelFingerprint:
+        """From an embedfleet worker's or a TEI server's /info (KeyError without ``model_id``)."""
+        model_type = info.get("model_type") or {}
+        task = str(info.get("task") or next(iter(model_type), "embedding"))
+        pooling = info.get("pooling")
+        if pooling is None and "embedding" in model_type:
+            pooling = model_type["embedding"].get("pooling")
+        return cls(str(info["model_id"]), info.get("model_sha") or info.get("revision"), task, pooling,
+                   info.get("model_dtype"))
 
     def encode(self) -> bytes:
         """Canonical bytes of the fingerprint."""
-        return b"".join(_field(v) for v in (self.model_id, self.revision, self.task, self.pooling))
+        return b"".join(_field(v) for v in (self.model_id, self.revision, self.task, self.pooling, self.precision))
 
     @cached_property
     def tag(self) -> bytes:
@@ -50,6 +65,9 @@ class ModelFingerprint:
     def name(self) -> str:
         """A readable id for stats and logs: ``model_id@revision``."""
         return f"{self.model_id}@{self.revision}" if self.revision else self.model_id
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.task}, {self.pooling or 'head'}, {self.precision or 'precision unknown'})"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class FleetErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
     UNAVAILABLE = "UNAVAILABLE"
+    STATE_NOT_SAVED = "STATE_NOT_SAVED"
+    """The fleet's state file could not be written (a full disk, a read-only folder): nothing changed."""
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import threading
@@ -19,7 +20,7 @@ from types import FrameType
 import uvicorn
 from rich.console import Console
 
-from embedfleet.config import FleetSettings, GatewaySettings
+from embedfleet.config import ConfigError, FleetSettings, GatewaySettings
 from embedfleet.fleet.admin import install_admin
 from embedfleet.fleet.client import instances_table
 from embedfleet.fleet.devices import visible_gpus
@@ -67,8 +68,31 @@ class FleetServer(uvicorn.Server):
             self.should_exit = True
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(fleet: FleetSettings, gateway: GatewaySettings) -> None:
+    """ConfigError for /admin without any key on an address others can reach, unless explicitly allowed:
+    from there a caller could start worker processes from any folder, make the fleet fetch any URL, or
+    add an external server that joins a pool and reads its clients' texts."""
+    has_key = bool(gateway.admin_key or gateway.api_key or gateway.api_key_file)
+    if has_key or is_loopback(gateway.host) or fleet.allow_open_admin:
+        return
+    raise ConfigError(f"refusing to serve /admin without any key on {gateway.host}: set an admin key "
+                      "([gateway] admin_key, --admin-key or EMBEDFLEET_GATEWAY_ADMIN_KEY), listen on 127.0.0.1, "
+                      "or set allow_open_admin = true in [fleet] if the network is yours alone")
+
+
 def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: Console | None = None) -> int:
     """Serve until interrupted; returns the exit code (1 when every instance failed to start)."""
+    check_exposure(fleet, gateway_settings)
     console = console or Console(stderr=True)
     gpus = visible_gpus()
     specs = declared(fleet, gpus)

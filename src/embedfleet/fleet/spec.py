@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from embedfleet.config import WorkerSettings, optional_fields
+from embedfleet.fleet.errors import FleetError
+from embedfleet.fleet.registry import validate_model_id
 
 # Names become file names (logs) and URL segments: letters, digits, '.', '_' and '-', no leading dot.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -60,12 +62,33 @@ class _Instance(WorkerOptions):
     def _name(cls, value: str) -> str:
         return check_name(value)
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        """``default``, an absolute folder path, or a Hugging Face id, as the model registry accepts them:
+        never anything a worker's command line would read as an option."""
+        if value is None or value == "default":
+            return value
+        if value.startswith("/"):
+            if ".." in value.split("/") or any(c.isspace() or not c.isprintable() for c in value):
+                raise ValueError(f"invalid model folder {value!r}")
+            return value
+        try:
+            validate_model_id(value)
+        except FleetError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-            raise ValueError(f"url {value!r} is not an http(s) URL")
-        return value.rstrip("/") if value else value
+        """``http(s)://HOST[:PORT]``: the gateway calls TEI's routes at the root of the server."""
+        if value is None:
+            return value
+        if not re.fullmatch(r"https?://[^\s/@]+/?", value):
+            raise ValueError(f"url {value!r} must be http(s)://HOST[:PORT], without a path or credentials "
+                             "(TEI's routes are served at the root)")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

@@ -89,6 +89,7 @@ class SupervisorSettings:
     max_restarts: int
     restart_window: float
     max_instances: int
+    external_hosts: list[str] | None
     worker_log_level: str
     worker_log_format: str
     gpus: list[str] = field(default_factory=list)
@@ -108,8 +109,8 @@ class SupervisorSettings:
                    health_interval=fleet.health_interval, health_failures=fleet.health_failures,
                    start_timeout=fleet.start_timeout, stop_timeout=fleet.stop_timeout, max_restarts=fleet.max_restarts,
                    restart_window=fleet.restart_window, max_instances=fleet.max_instances,
-                   worker_log_level=fleet.log_level, worker_log_format=fleet.log_format, gpus=gpus,
-                   reserved_ports=reserved_ports)
+                   external_hosts=fleet.external_hosts, worker_log_level=fleet.log_level,
+                   worker_log_format=fleet.log_format, gpus=gpus, reserved_ports=reserved_ports)
 
 
 class InstanceLog:
@@ -260,8 +261,17 @@ class Supervisor:
                 for i in self.instances.values()]
 
     async def _changed(self) -> None:
-        if self.on_change is not None:
+        """Persist the desired state; STATE_NOT_SAVED where it cannot be written. Every change is saved
+        before it is applied (and undone in memory when the save fails), so what the API answered, what
+        runs and what a restarted fleet restores never disagree."""
+        if self.on_change is None:
+            return
+        try:
             await self.on_change()
+        except OSError as exc:
+            log.error("the fleet's state could not be saved: %s", exc)
+            raise FleetError(FleetErrorCode.STATE_NOT_SAVED, f"the fleet's state could not be saved "
+                             f"({exc.strerror or exc}); nothing was changed") from exc
 
     def get(self, name: str) -> Instance:
         """The instance, or INSTANCE_NOT_FOUND."""
@@ -294,6 +304,17 @@ class Supervisor:
                 return port
         raise StartError(f"no free port in {low}-{high}")
 
+    def check_external(self, spec: InstanceSpec) -> None:
+        """VALIDATION_ERROR for an external instance whose host is not in ``external_hosts`` (when set)."""
+        allowed = self.settings.external_hosts
+        if spec.url is None or allowed is None:
+            return
+        netloc = spec.url.split("://", 1)[1].lower()
+        host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+        if not {netloc, host} & {h.lower() for h in allowed}:
+            raise FleetError(FleetErrorCode.VALIDATION_ERROR, f"external url {spec.url!r} is not on an allowed host "
+                             f"(external_hosts: {', '.join(allowed) or 'none'})")
+
     async def add(self, specs: Iterable[InstanceSpec], start: bool = True, stopped: bool = False,
                   persist: bool = True, origin: str = "api", check: bool = True) -> list[Instance]:
         """Add instances (all or none) and start them unless ``stopped``. ``check=False`` skips the port
@@ -307,6 +328,8 @@ class Supervisor:
             if len(self.instances) + len(specs) > self.settings.max_instances:
                 raise FleetError(FleetErrorCode.MAX_INSTANCES_REACHED,
                                  f"at most {self.settings.max_instances} instances (have {len(self.instances)})")
+            for spec in specs if check else ():
+                self.check_external(spec)
             fixed = [s.port for s in specs if s.port is not None and not s.external]
             if len(set(fixed)) != len(fixed):
                 raise FleetError(FleetErrorCode.PORT_CONFLICT, "two of the new instances ask for one port")
@@ -321,23 +344,35 @@ class Supervisor:
                 self.membership.ensure(spec.pool)
                 added.append(instance)
         if persist:
-            await self._changed()
+            try:
+                await self._changed()
+            except FleetError:
+                async with self._lock:
+                    for instance in added:
+                        self.instances.pop(instance.spec.name, None)
+                        instance.log.close()
+                raise
         if start and not stopped:
             for instance in added:
                 self._launch(instance)
         return added
 
     async def remove(self, name: str) -> None:
-        """Stop and forget an instance."""
+        """Stop and forget an instance (forgotten on disk first)."""
         instance = self.get(name)
         async with instance.lock:
-            await self._halt(instance)
             async with self._lock:
                 self.instances.pop(name, None)
+            try:
+                await self._changed()
+            except FleetError:
+                async with self._lock:
+                    self.instances[name] = instance
+                raise
+            await self._halt(instance)
             instance.log.close()
         if not any(i.spec.pool == instance.spec.pool for i in self.instances.values()):
             await self.membership.forget(instance.spec.pool)
-        await self._changed()
 
     async def start(self, name: str) -> Instance:
         """Start a stopped or failed instance."""
@@ -345,11 +380,19 @@ class Supervisor:
         async with instance.lock:
             if instance.state in ACTIVE:
                 raise FleetError(FleetErrorCode.ALREADY_RUNNING, f"instance {name!r} is {instance.state.value}")
-            instance.stopped_by_user = False
+            await self._set_stopped(instance, False)
             instance.recent_restarts.clear()
             self._launch(instance)
-        await self._changed()
         return instance
+
+    async def _set_stopped(self, instance: Instance, stopped: bool) -> None:
+        """Record whether a user stopped the instance, saved before anything is done about it."""
+        before, instance.stopped_by_user = instance.stopped_by_user, stopped
+        try:
+            await self._changed()
+        except FleetError:
+            instance.stopped_by_user = before
+            raise
 
     async def stop(self, name: str) -> Instance:
         """Stop an instance and keep it stopped (across health checks and restarts of the fleet)."""
@@ -357,20 +400,18 @@ class Supervisor:
         async with instance.lock:
             if instance.state not in ACTIVE and instance.state != InstanceState.PENDING:
                 raise FleetError(FleetErrorCode.NOT_RUNNING, f"instance {name!r} is {instance.state.value}")
-            instance.stopped_by_user = True
+            await self._set_stopped(instance, True)
             await self._halt(instance)
-        await self._changed()
         return instance
 
     async def restart(self, name: str) -> Instance:
         """Stop (if running) and start again, with a fresh restart budget."""
         instance = self.get(name)
         async with instance.lock:
+            await self._set_stopped(instance, False)
             await self._halt(instance)
-            instance.stopped_by_user = False
             instance.recent_restarts.clear()
             self._launch(instance)
-        await self._changed()
         return instance
 
     async def close(self) -> None:
@@ -435,12 +476,18 @@ class Supervisor:
             instance.state = InstanceState.UNHEALTHY
             instance.last_error = reason
             await self._leave(instance)
-            if instance.spec.external:
-                log.warning("instance %s (%s) is unhealthy: %s", instance.name, instance.url, reason)
-                continue
-            await self._terminate(instance)
             if instance.ready_at and time.time() - instance.ready_at > self.settings.stable_after:
                 backoff = self.settings.backoff_initial
+            if instance.spec.external:
+                # Not ours to restart: checked again after the same growing back-off, never in a tight loop
+                # (a server that answers /health but cannot join its pool would otherwise be hammered).
+                log.warning("instance %s (%s) is unhealthy: %s; checking again in %.1fs", instance.name,
+                            instance.url, reason, backoff)
+                instance.log.note(f"{reason}; checking again in {backoff:.1f}s")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.backoff_max)
+                continue
+            await self._terminate(instance)
             now = time.monotonic()
             while instance.recent_restarts and now - instance.recent_restarts[0] > self.settings.restart_window:
                 instance.recent_restarts.popleft()

@@ -48,7 +48,8 @@ class GatewayApp(FastAPI):
 
 
 def create_gateway_app(router_: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
-                       auth: Auth, cache_enabled: bool = True, cors_origins: Sequence[str] = (),
+                       auth: Auth, max_concurrent_requests: int | None = None, cache_enabled: bool = True,
+                       cors_origins: Sequence[str] = (),
                        on_startup: Hook | None = None, on_shutdown: Hook | None = None,
                        collectors: Sequence[Collector] = ()) -> FastAPI:
     """The gateway's FastAPI application over the model pools (``collectors``: more for /metrics).
@@ -71,7 +72,8 @@ def create_gateway_app(router_: ModelRouter, cache: TieredCache, payload_limit: 
     app.include_router(router)
     routes = {r.path for r in router.routes if hasattr(r, "path")}
     front: ASGIApp = Edge(FastPath(app.behind, state), limit=payload_limit, auth=auth, route_models=True,
-                          durations=durations, routes=routes, access_log=access_log)
+                          durations=durations, routes=routes, access_log=access_log,
+                          max_in_flight=max_concurrent_requests)
     if cors_origins:
         front = CORSMiddleware(front, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                                allow_headers=["authorization", "content-type", "x-model", "cache-control"],

@@ -39,6 +39,8 @@ class GatewayCollector(Collector):
                                       labels=["model"])
         ejections = CounterMetricFamily("embedfleet_upstream_ejections", "Replicas ejected after errors",
                                         labels=["model"])
+        mismatches = CounterMetricFamily("embedfleet_upstream_mismatches",
+                                         "Replicas kept out of their pool for serving another model", labels=["model"])
         in_flight = GaugeMetricFamily("embedfleet_upstream_in_flight", "Estimated tokens in flight per upstream",
                                       labels=["model", "upstream"])
         healthy = GaugeMetricFamily("embedfleet_upstream_healthy", "1 when the upstream is healthy",
@@ -53,8 +55,9 @@ class GatewayCollector(Collector):
             sent.add_metric([name], service.upstream_inputs)
             retries.add_metric([name], service.pool.retried)
             ejections.add_metric([name], service.pool.ejections)
+            mismatches.add_metric([name], service.pool.mismatches)
             for u in service.pool.upstreams:
-                in_flight.add_metric([name, u.url], u.in_flight)
-                healthy.add_metric([name, u.url], 1.0 if u.healthy else 0.0)
-        yield from (hits, misses, sent, retries, ejections, in_flight, healthy, ratio)
+                in_flight.add_metric([name, u.label], u.in_flight)
+                healthy.add_metric([name, u.label], 1.0 if u.healthy else 0.0)
+        yield from (hits, misses, sent, retries, ejections, mismatches, in_flight, healthy, ratio)
         yield from self.cache.store_latency.collect()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -119,10 +120,12 @@ async def invocations(request: Request, state: State) -> Response:
 
 
 async def _forward(service: EmbeddingService, route: str, request: Request) -> Response:
+    # orjson, not the standard library: it refuses nesting deeper than 1024 levels (no RecursionError),
+    # and what it parses it can always serialise again for the upstream.
     try:
-        body = await request.json()
-    except ValueError:
-        raise errors.validation("Json deserialize error: invalid JSON") from None
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise errors.validation(f"Json deserialize error: {exc}") from None
     if not isinstance(body, dict):
         raise errors.validation("Json deserialize error: the body must be a JSON object")
     return json_response(await service.pool.post(route, body))
@@ -156,7 +159,8 @@ async def info(request: Request, state: State) -> Response:
         raise errors.unhealthy(f"no upstream of {service.pool.name!r} has answered /info yet")
     return json_response({**up.raw, "max_client_batch_size": state.max_client_batch_size, "version": __version__,
                           "served_model_name": service.pool.name, "models": list(state.router.services),
-                          "upstreams": [{"url": u.url, "healthy": u.healthy} for u in service.pool.upstreams]})
+                          "upstreams": [{"url": u.label, "healthy": u.healthy, "kept_out": u.mismatch}
+                                        for u in service.pool.upstreams]})
 
 
 @router.get("/health", tags=["TEI"])

@@ -100,7 +100,8 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
             await asyncio.gather(*(s.pool.close() for s in router.services.values()))
 
     app = create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
-                             cache_enabled=settings.cache != "none", auth=auth, cors_origins=settings.cors_origin,
+                             auth=auth, max_concurrent_requests=settings.max_concurrent_requests,
+                             cache_enabled=settings.cache != "none", cors_origins=settings.cors_origin,
                              on_startup=startup, on_shutdown=shutdown, collectors=collectors)
     return Gateway(app, router, cache, auth)
 

@@ -194,8 +194,9 @@ class EmbeddingService:
             body["prompt_name"] = prompt_name
         if dimensions is not None:
             body["dimensions"] = dimensions
-        computed = await self._compute_own(request, mine, body, policy)
-        return await self._merge(request, found, from_memory, mine, computed, waiting)
+        computed = await self._compute_own(request, mine, body, policy, request.raw)
+        shared = await self._await_shared(request, waiting, body, policy)
+        return self._merge(request, found, from_memory, mine, computed, shared)
 
     async def _lookup_rest(self, unique: list[bytes], entries: list[Entry | None],
                            missing: list[int]) -> tuple[dict[bytes, Entry], set[bytes]]:
@@ -234,13 +235,13 @@ class EmbeddingService:
         return mine, waiting
 
     async def _compute_own(self, request: _Request, mine: dict[bytes, asyncio.Future[Entry]], body: dict[str, Any],
-                           policy: CachePolicy) -> list[Entry]:
-        """Compute the claimed keys and the token-id inputs. The computation is its own task: if this client
-        goes away, the requests waiting on the same keys still get their vectors, and the cache still gets
-        them. An error about one input names the client's position of it."""
-        if not mine and not request.raw:
+                           policy: CachePolicy, raw: list[tuple[int, list[int]]]) -> list[Entry]:
+        """Compute the claimed keys and the token-id inputs ``raw``. The computation is its own task: if this
+        client goes away, the requests waiting on the same keys still get their vectors, and the cache still
+        gets them. An error about one input names the client's position of it."""
+        if not mine and not raw:
             return []
-        items: list[str | list[int]] = [*(request.texts[k] for k in mine), *(item for _, item in request.raw)]
+        items: list[str | list[int]] = [*(request.texts[k] for k in mine), *(item for _, item in raw)]
         task = asyncio.get_running_loop().create_task(self._resolve(mine, items, body, policy))
         self._tasks.add(task)  # a strong reference until done
         task.add_done_callback(self._tasks.discard)
@@ -249,18 +250,35 @@ class EmbeddingService:
         except EngineError as exc:
             if exc.input is None:
                 raise
-            positions = [*(request.input_keys.index(k) for k in mine), *(i for i, _ in request.raw)]
+            positions = [*(request.input_keys.index(k) for k in mine), *(i for i, _ in raw)]
             raise exc.at(positions[exc.input] if 0 <= exc.input < len(positions) else None) from None
 
-    async def _merge(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes],
-                     mine: dict[bytes, asyncio.Future[Entry]], computed: list[Entry],
-                     waiting: dict[bytes, asyncio.Future[Entry]]) -> EmbedResult:
+    async def _await_shared(self, request: _Request, waiting: dict[bytes, asyncio.Future[Entry]],
+                            body: dict[str, Any], policy: CachePolicy) -> dict[bytes, Entry]:
+        """The entries other requests were computing for this one. Where such a computation failed, the
+        failure was the other request's (another input of its batch, say): this request computes those
+        texts itself, so it only ever sees an error its own inputs cause."""
+        shared: dict[bytes, Entry] = {}
+        failed: list[bytes] = []
+        for key, fut in waiting.items():
+            try:
+                shared[key] = await fut
+            except Exception:  # whatever it was, it was another request's
+                failed.append(key)
+        if failed:
+            loop = asyncio.get_running_loop()
+            own = {key: loop.create_future() for key in failed}  # private: nobody else waits on these
+            shared.update(zip(own, await self._compute_own(request, own, body, policy, []), strict=True))
+        return shared
+
+    def _merge(self, request: _Request, found: dict[bytes, Entry], from_memory: set[bytes],
+               mine: dict[bytes, asyncio.Future[Entry]], computed: list[Entry],
+               shared: dict[bytes, Entry]) -> EmbedResult:
         """Every input's entry, in input order: cached, computed here, or computed by another request."""
         hits = len(found)
         for key, entry in zip(mine, computed, strict=False):
             found[key] = entry
-        for key, fut in waiting.items():
-            found[key] = await fut
+        found.update(shared)
         raw_entries = dict(zip((i for i, _ in request.raw), computed[len(mine):], strict=True))
         rows = [found[k] if k is not None else raw_entries[i] for i, k in enumerate(request.input_keys)]
         served = [k if k in from_memory else None for k in request.input_keys] if from_memory else ()
@@ -280,16 +298,22 @@ class EmbeddingService:
             # Waiters get the error without this request's position of the input at fault.
             shared = exc.at(None) if isinstance(exc, EngineError) else exc
             for key, fut in mine.items():
-                self._in_flight.pop(key, None)
+                self._forget(key, fut)
                 fut.set_exception(shared)
                 fut.exception()  # marked retrieved: waiters re-raise it, nobody logs "never retrieved"
             raise
         for (key, fut), entry in zip(mine.items(), computed, strict=False):
-            self._in_flight.pop(key, None)
+            self._forget(key, fut)
             fut.set_result(entry)
         if mine and policy.write:
             self.cache.store_entries(list(zip(mine, computed, strict=False)))
         return computed
+
+    def _forget(self, key: bytes, fut: asyncio.Future[Entry]) -> None:
+        """The key is no longer being computed by the computation that owns ``fut`` (a private recompute
+        owns none)."""
+        if self._in_flight.get(key) is fut:
+            del self._in_flight[key]
 
     async def _compute(self, items: list[str | list[int]], body: dict[str, Any]) -> tuple[list[np.ndarray], list[int]]:
         """Send the misses to the upstreams in parallel sub-batches; vectors and token counts in order.
@@ -315,10 +339,15 @@ class EmbeddingService:
         self.upstream_inputs += len(items)
         starts = list(itertools.accumulate((len(c) for c in chunks[:-1]), initial=0))
 
+        model = info.fingerprint.tag.hex()
+
+        def parse(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
+            return read_embeddings(reply, model)
+
         async def call(chunk: list[str | list[int]], start: int) -> tuple[np.ndarray, np.ndarray | None]:
             try:
                 return await self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
-                                            parse=read_embeddings, accept=binary.ACCEPT)
+                                            parse=parse, accept=binary.ACCEPT)
             except EngineError as exc:  # name the input by its position in ``items`` (if the upstream's is sane)
                 if exc.input is None:
                     raise
@@ -341,12 +370,17 @@ class EmbeddingService:
         return vectors, tokens
 
 
-def read_embeddings(reply: Reply) -> tuple[np.ndarray, np.ndarray | None]:
+def read_embeddings(reply: Reply, model: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """An upstream's /embed answer: ``(vectors [n, dim] float32, token counts or None)``.
 
     An embedfleet worker answers in the binary form the gateway asks for, with token counts; a TEI server
-    answers JSON, without. ValueError for a body that is neither (the pool then tries another replica).
+    answers JSON, without. ValueError for a body that is neither, or that a worker computed with another
+    model than ``model`` (a fingerprint tag): the pool then ejects the replica, reads its /info again,
+    and tries another; such vectors are never cached under the wrong model.
     """
+    if model is not None and reply.model is not None and reply.model != model:
+        raise ValueError(f"the replica answered with model {reply.model}, not the pool's {model}: it was "
+                         "restarted with another model")
     if reply.content_type == binary.MEDIA_TYPE:
         return binary.decode(reply.body)
     rows = orjson.loads(reply.body)

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 
 from embedfleet.api import errors as edge_errors
-from embedfleet.api.edge import INPUT_HEADER
+from embedfleet.api.edge import INPUT_HEADER, MODEL_HEADER
 from embedfleet.api.errors import EdgeError
 from embedfleet.cache.keys import ModelFingerprint
 from embedfleet.engine import errors
@@ -45,6 +45,8 @@ class Reply:
     reason: str = ""
     input: int | None = None
     """On an error about one input, its position in the call's batch (our workers say which)."""
+    model: str | None = None
+    """The tag of the model fingerprint the answer was computed with (our workers say; TEI servers do not)."""
 
 
 class UpstreamFailed(Exception):
@@ -54,6 +56,15 @@ class UpstreamFailed(Exception):
 FAILURES = (aiohttp.ClientError, TimeoutError, UpstreamFailed, ValueError)
 """What a call to a replica raises when the replica failed it (ValueError: a body that cannot be read)."""
 
+
+MIN_TOKENS_PER_S = 250.0
+"""The slowest a replica is expected to embed (a large model on a small CPU): a call's deadline is the
+configured timeout plus its estimated tokens at this rate, so one large valid request is never cut short
+(and its replica never ejected) for being large."""
+
+MAX_CALLS_PER_UPSTREAM = 64
+"""Calls in flight to one replica at most; more wait their turn in the gateway rather than pile up in
+the replica's queue."""
 
 UPSTREAM_IDLE_S = 30.0
 """How long the gateway keeps an idle connection to a replica: below the workers' own idle timeout
@@ -67,6 +78,21 @@ def _dropped_before_answer(exc: BaseException) -> bool:
     on another one)."""
     return (isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
             and not isinstance(exc, aiohttp.ClientConnectorError))
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in words, never empty (a timeout's message is)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and metrics: any ``user:password@`` in it replaced by ``***@``."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" not in host:
+        return url
+    return f"{scheme}{sep}***@{host.rpartition('@')[2]}{slash}{path}"
 
 
 def parse_json(reply: Reply) -> Any:
@@ -89,14 +115,8 @@ class UpstreamInfo:
     @classmethod
     def parse(cls, info: dict[str, Any]) -> UpstreamInfo:
         """From an embedfleet worker's or a TEI server's /info."""
-        model_type = info.get("model_type") or {}
-        task = str(info.get("task") or next(iter(model_type), "embedding"))
-        pooling = info.get("pooling")
-        if pooling is None and "embedding" in model_type:
-            pooling = model_type["embedding"].get("pooling")
-        model_id = str(info["model_id"])
-        fingerprint = ModelFingerprint(model_id, info.get("model_sha") or info.get("revision"), task, pooling)
-        return cls(model_id, fingerprint, int(info.get("max_client_batch_size") or 32),
+        fingerprint = ModelFingerprint.from_info(info)
+        return cls(fingerprint.model_id, fingerprint, int(info.get("max_client_batch_size") or 32),
                    int(info.get("max_batch_tokens") or 16384), int(info.get("max_input_length") or 512),
                    bool(info.get("auto_truncate", False)), info)
 
@@ -122,11 +142,20 @@ class Upstream:
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
+        self.label = redact(self.url)
+        """The URL without credentials: what logs, metrics and /info show."""
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self.alive = False
+        """It answered its last health check (and nothing failed on it since)."""
         self.healthy = False
+        """Admitted: alive, and serving its pool's model. Calls go to healthy replicas only."""
+        self.mismatch: str | None = None
+        """Why an alive replica is kept out of its pool: it serves another model than the rest."""
         self.in_flight = 0  # estimated tokens of the calls under way
         self.info: UpstreamInfo | None = None
+        self.base_timeout = timeout
+        self._calls = asyncio.Semaphore(MAX_CALLS_PER_UPSTREAM)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -142,33 +171,48 @@ class Upstream:
                                         timeout=timeout or self.timeout) as r:
             position = r.headers.get(INPUT_HEADER)
             return Reply(r.status, r.content_type, await r.read(), r.reason or "",
-                         int(position) if position is not None and position.isdigit() else None)
+                         int(position) if position is not None and position.isdigit() else None,
+                         r.headers.get(MODEL_HEADER))
 
-    async def _send(self, route: str, data: bytes, headers: dict[str, str]) -> Reply:
+    def deadline(self, weight: int) -> float:
+        """Seconds a call of ``weight`` estimated tokens may take: it grows with the work asked for."""
+        return self.base_timeout + weight / MIN_TOKENS_PER_S
+
+    async def _send(self, route: str, data: bytes, headers: dict[str, str], weight: int) -> Reply:
         """POST once, and once more where the connection was dropped before any answer."""
+        timeout = aiohttp.ClientTimeout(total=self.deadline(weight))
+        async with self._calls:
+            try:
+                return await self._call("POST", route, timeout, data=data, headers=headers)
+            except aiohttp.ClientError as exc:
+                if not _dropped_before_answer(exc):
+                    raise
+                log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
+                return await self._call("POST", route, timeout, data=data, headers=headers)
+
+    async def answers_health(self) -> bool:
+        """Whether the replica answers /health now (without changing what the pool thinks of it)."""
         try:
-            return await self._call("POST", route, data=data, headers=headers)
-        except aiohttp.ClientError as exc:
-            if not _dropped_before_answer(exc):
-                raise
-            log.debug("upstream %s dropped a connection (%s); sending again", self.url, exc)
-            return await self._call("POST", route, data=data, headers=headers)
+            return (await self._call("GET", "/health", _CHECK_TIMEOUT)).status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def refresh(self) -> bool:
-        """Check /health (and read /info once); returns whether the replica is healthy."""
+        """Check /health; returns whether the replica is alive. /info is read again whenever the replica
+        comes (back) to life: a replica restarted at the same address may serve another model."""
         try:
-            if self.info is None:
+            alive = (await self._call("GET", "/health", _CHECK_TIMEOUT)).status == 200
+            if alive and (not self.alive or self.info is None):
                 info = await self._call("GET", "/info", _CHECK_TIMEOUT)
                 if info.status != 200:
                     raise ValueError(f"/info answered {info.status}")
                 self.info = UpstreamInfo.parse(orjson.loads(info.body))
-            healthy = (await self._call("GET", "/health", _CHECK_TIMEOUT)).status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
-            healthy = False
-        if healthy != self.healthy:
-            log.info("upstream %s is %s", self.url, "healthy" if healthy else "unhealthy")
-        self.healthy = healthy
-        return healthy
+            alive = False
+        if alive != self.alive:
+            log.info("upstream %s is %s", self.label, "up" if alive else "down")
+        self.alive = alive
+        return alive
 
     async def post(self, route: str, body: dict[str, Any], weight: int, parse: Callable[[Reply], T],
                    accept: str | None = None) -> T:
@@ -177,11 +221,11 @@ class Upstream:
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
         try:
-            reply = await self._send(route, orjson.dumps(body), headers)
+            reply = await self._send(route, orjson.dumps(body), headers, weight)
         finally:
             self.in_flight -= weight
         if reply.status >= 500:
-            raise UpstreamFailed(f"{reply.status} {reply.reason} from {self.url}")
+            raise UpstreamFailed(f"{reply.status} {reply.reason} from {self.label}")
         if reply.status >= 400:
             raise _upstream_error(reply)
         return parse(reply)
@@ -193,7 +237,13 @@ class Upstream:
 
 
 class Pool:
-    """The replicas of one model."""
+    """The replicas of one model.
+
+    The pool serves one model fingerprint (model, revision, task, pooling, precision): the one its live
+    replicas report. A replica that reports another while the rest agree is kept out (logged, counted,
+    and shown in /info); when every live replica reports a new one (a one-replica pool whose worker was
+    restarted with another model, say), the pool adopts it, and its old cache entries stop hitting.
+    """
 
     def __init__(self, name: str, urls: Sequence[str], timeout: float = 60.0, health_interval: float | None = 1.0,
                  retries: int = 2) -> None:
@@ -204,12 +254,41 @@ class Pool:
         self.retries = retries
         self.ejections = 0
         self.retried = 0
+        self.mismatches = 0
+        self.fingerprint: ModelFingerprint | None = None
+        """The model the pool serves (None until a replica has answered /info)."""
         self._checker: asyncio.Task[None] | None = None
 
     @property
     def info(self) -> UpstreamInfo | None:
-        """The model's info, from the first replica that answered /info."""
-        return next((u.info for u in self.upstreams if u.info is not None), None)
+        """The model's info, from a replica that serves the pool's model."""
+        return next((u.info for u in self.upstreams if u.info is not None and u.info.fingerprint == self.fingerprint),
+                    None)
+
+    def _agrees(self, upstream: Upstream) -> bool:
+        return upstream.info is not None and upstream.info.fingerprint == self.fingerprint
+
+    def settle(self) -> None:
+        """Admit the live replicas that serve the pool's model and keep the others out; adopt a new model
+        when every live replica reports the same new one."""
+        reported = {u.info.fingerprint for u in self.upstreams if u.alive and u.info is not None}
+        if len(reported) == 1 and self.fingerprint not in reported:
+            new = next(iter(reported))
+            if self.fingerprint is not None:
+                log.warning("pool %r now serves %s (was %s): every live replica reports it; entries cached for "
+                            "the old model no longer hit", self.name, new, self.fingerprint)
+            self.fingerprint = new
+        for u in self.upstreams:
+            agrees = self._agrees(u)
+            if u.alive and u.info is not None and not agrees:
+                if u.mismatch is None:
+                    self.mismatches += 1
+                    log.warning("upstream %s kept out of pool %r: it serves %s, the pool serves %s", u.label,
+                                self.name, u.info.fingerprint, self.fingerprint)
+                u.mismatch = f"serves {u.info.fingerprint}, the pool serves {self.fingerprint}"
+            else:
+                u.mismatch = None
+            u.healthy = u.alive and agrees
 
     @property
     def healthy(self) -> list[Upstream]:
@@ -222,7 +301,8 @@ class Pool:
         await asyncio.gather(*(u.refresh() for u in self.upstreams))
         fingerprints = {u.info.fingerprint for u in self.upstreams if u.info is not None}
         if len(fingerprints) > 1:
-            raise ValueError(f"pool {self.name!r} mixes models: {sorted(f.name for f in fingerprints)}")
+            raise ValueError(f"pool {self.name!r} mixes models: {sorted(str(f) for f in fingerprints)}")
+        self.settle()
         if self.health_interval is not None:
             self._checker = asyncio.get_running_loop().create_task(self._check_loop(self.health_interval),
                                                                    name=f"health-{self.name}")
@@ -231,6 +311,7 @@ class Pool:
         while True:
             await asyncio.sleep(interval)
             await asyncio.gather(*(u.refresh() for u in self.upstreams))
+            self.settle()
 
     def find(self, url: str) -> Upstream | None:
         """The member at this URL."""
@@ -238,21 +319,30 @@ class Pool:
         return next((u for u in self.upstreams if u.url == url), None)
 
     async def add(self, url: str) -> Upstream:
-        """Admit a replica that answers /health now; ValueError if it serves another model than the pool."""
+        """Admit a replica that answers /health now (its /info read again: it may have been restarted with
+        another model). ValueError if it is not alive, or serves another model than the pool's other live
+        replicas (it is kept out)."""
         upstream = self.find(url)
+        if upstream is not None and upstream.healthy:
+            return upstream  # a member in good standing (the supervisor joins after every health check)
+        new = upstream is None
         if upstream is None:
             upstream = Upstream(url, self.timeout)
-            if not await upstream.refresh() or upstream.info is None:
+        upstream.alive = False  # ejected, or new: read its /info again
+        if not await upstream.refresh() or upstream.info is None:
+            if new:
                 await upstream.close()
-                raise ValueError(f"{url} is not healthy")
-            ours = self.info
-            if ours is not None and upstream.info.fingerprint != ours.fingerprint:
-                await upstream.close()
-                raise ValueError(f"{url} serves {upstream.info.fingerprint.name}, but pool {self.name!r} serves "
-                                 f"{ours.fingerprint.name}")
+            raise ValueError(f"{upstream.label} is not healthy")
+        if new:
             self.upstreams = [*self.upstreams, upstream]
-            log.info("upstream %s joined pool %r", upstream.url, self.name)
-        upstream.healthy = True
+            log.info("upstream %s joined pool %r", upstream.label, self.name)
+        self.settle()
+        if not upstream.healthy:
+            reason = upstream.mismatch or "it is not healthy"
+            if new:
+                self.upstreams = [u for u in self.upstreams if u is not upstream]
+                await upstream.close()
+            raise ValueError(f"{upstream.label} cannot join pool {self.name!r}: {reason}")
         return upstream
 
     def remove(self, url: str) -> Upstream | None:
@@ -261,14 +351,15 @@ class Pool:
         upstream = self.find(url)
         if upstream is not None:
             self.upstreams = [u for u in self.upstreams if u is not upstream]
-            log.info("upstream %s left pool %r", upstream.url, self.name)
+            log.info("upstream %s left pool %r", upstream.label, self.name)
         return upstream
 
     def _eject(self, upstream: Upstream, reason: BaseException) -> None:
+        upstream.alive = False  # until a health check finds it alive again (and reads its /info again)
         if upstream.healthy:
             upstream.healthy = False
             self.ejections += 1
-            log.warning("ejected upstream %s: %s", upstream.url, reason or type(reason).__name__)
+            log.warning("ejected upstream %s: %s", upstream.label, describe(reason))
 
     async def post(self, route: str, body: dict[str, Any], weight: int = 1,
                    parse: Callable[[Reply], T] = parse_json, accept: str | None = None) -> T:
@@ -276,8 +367,10 @@ class Pool:
         on another."""
         tried: set[Upstream] = set()
         last: BaseException | None = None
+        busy = False
         for attempt in range(self.retries + 1):
-            candidates = [u for u in self.healthy if u not in tried] or self.healthy
+            untried = [u for u in self.healthy if u not in tried]
+            candidates = untried or ([] if busy else self.healthy)
             if not candidates:
                 break
             upstream = min(candidates, key=lambda u: u.in_flight)
@@ -290,8 +383,16 @@ class Pool:
                 raise
             except FAILURES as exc:
                 last = exc
+                if isinstance(exc, TimeoutError) and await upstream.answers_health():
+                    busy = True  # slow because busy, not broken: kept in the pool
+                    log.warning("upstream %s is busy: a call of ~%d tokens took more than %.0fs", upstream.label,
+                                weight, upstream.deadline(weight))
+                    continue
                 self._eject(upstream, exc)
-        detail = f" (last error: {last})" if last else ""
+        if busy:
+            raise errors.overloaded(f"the replicas of model {self.name!r} are busy: the call did not finish in "
+                                    "time; retry later")
+        detail = f" (last error: {describe(last)})" if last else ""
         raise errors.unhealthy(f"no healthy upstream for model {self.name!r}{detail}")
 
     async def close(self) -> None:

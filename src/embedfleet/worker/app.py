@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from embedfleet import __version__
 from embedfleet.api import binary
-from embedfleet.api.edge import Edge, batch, install_error_handlers, json_response, lifespan, parse_body
+from embedfleet.api.edge import MODEL_HEADER, Edge, batch, install_error_handlers, json_response, lifespan, parse_body
 from embedfleet.api.errors import STATUS
 from embedfleet.api.schemas import (
     DecodeRequest,
@@ -40,6 +40,7 @@ from embedfleet.api.schemas import (
     SparseValue,
     TokenizeRequest,
 )
+from embedfleet.cache.keys import ModelFingerprint
 from embedfleet.engine import errors
 from embedfleet.engine.errors import EngineError, ErrorKind
 from embedfleet.engine.infer import Engine, Stats
@@ -65,6 +66,12 @@ class WorkerState:
         self.compute_type = "cpu"
         self.exit_code = 0  # set when the worker must exit with an error once the server stops
         self.stop_server: Callable[[], None] | None = None  # asks the HTTP server to shut down
+        self.model_tag = ""  # the fingerprint tag of the model, once loaded (see MODEL_HEADER)
+
+    def loaded(self, engine: Engine) -> None:
+        """The engine is ready: serve it."""
+        self.model_tag = ModelFingerprint.from_info(info_body(self, engine)).tag.hex()
+        self.engine = engine
 
     def ready(self) -> Engine:
         """The engine, or 503 while loading or after a failed load."""
@@ -97,6 +104,7 @@ def _timing_headers(state: WorkerState, stats: Stats) -> dict[str, str]:
         return str(int(seconds * 1000))
 
     return {
+        MODEL_HEADER: state.model_tag,
         "x-compute-type": state.compute_type,
         "x-compute-time": ms(total),
         "x-compute-characters": str(stats.characters),
@@ -286,7 +294,12 @@ async def openai_models(state: State) -> Response:
 @router.get("/info", response_model=Info, tags=["TEI"])
 async def info(state: State) -> Response:
     """Model and limits of this replica."""
-    engine = state.ready()
+    return json_response(info_body(state, state.ready()))
+
+
+def info_body(state: WorkerState, engine: Engine) -> dict[str, Any]:
+    """The /info document: TEI's fields, plus what a gateway needs to fingerprint the model (``task``,
+    ``pooling``, ``model_dtype``: the precision it runs at) and to size its calls."""
     i = engine.info
     lim = engine.limits
     if i.task is Task.EMBEDDING or i.task is Task.SPARSE:
@@ -295,7 +308,7 @@ async def info(state: State) -> Response:
         labels = {"id2label": {str(k): v for k, v in i.id2label.items()},
                   "label2id": {v: k for k, v in i.id2label.items()}}
         model_type = {i.task.value: labels}
-    return json_response({
+    return {
         "model_id": i.model_id, "model_sha": i.sha, "model_dtype": engine.backend.dtype,
         "model_type": model_type, "served_model_name": state.model_name,
         "max_concurrent_requests": lim.max_concurrent_requests, "max_input_length": i.max_input_length,
@@ -305,7 +318,7 @@ async def info(state: State) -> Response:
         "docker_label": None, "task": i.task.value, "pooling": i.pooling.value if i.pooling else None,
         "dimension": i.dimension, "backend": engine.backend.name, "device": engine.backend.device,
         "revision": i.revision,
-    })
+    }
 
 
 @router.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])

@@ -76,7 +76,7 @@ def create_worker_app(settings: WorkerSettings) -> tuple[FastAPI, WorkerState]:
             return
         engine.start()
         freeze_startup_objects()
-        state.engine = engine
+        state.loaded(engine)
         log.info("%s", summary(engine, settings, time.perf_counter() - started))
 
     async def on_startup() -> None:
