@@ -37,7 +37,7 @@ def gateway_key(g: GatewayProcess, text: str, model: str | None = None, **params
 
     headers = {"x-model": model} if model else {}
     info = httpx.get(f"{g.url}/info", headers=headers, timeout=30).json()
-    fp = ModelFingerprint(info["model_id"], info["model_sha"], info["task"], info["pooling"])
+    fp = ModelFingerprint.from_info(info)
     params.setdefault("truncate", info["auto_truncate"])  # what a request without `truncate` gets
     return cache_key(fp, EmbedParams(**params), text)  # type: ignore[arg-type]
 

@@ -107,9 +107,6 @@ def test_sparse_and_predict_go_to_their_pools_without_a_model_named(
         g.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="router.ModelRouter.pick takes the first pool, in configuration order, "
-                   "whose task is any of ROUTE_TASKS['/predict'] = (classifier, reranker): a reranker listed "
-                   "before the classifier gets /predict")
 def test_predict_prefers_the_classifier_to_a_reranker_listed_first(
         embedder: WorkerProcess, reranker: WorkerProcess, classifier: WorkerProcess, tmp_path: Path) -> None:
     pools = {"minilm": embedder, "ranker": reranker, "classes": classifier}

@@ -96,6 +96,8 @@ class ModelRouter:
             return next(iter(self.services.values()))
         tasks = ROUTE_TASKS.get(route, EMBEDDING_TASKS)
         fitting = [s for s in self.services.values() if s.pool.info is None or s.pool.info.fingerprint.task in tasks]
+        # The route's own task first (/predict: a classifier before a reranker), then configuration order.
+        fitting.sort(key=lambda s: tasks.index(s.pool.info.fingerprint.task) if s.pool.info else len(tasks))
         if not fitting:
             raise errors.not_found(f"no served model does {route}; served models: {self._names()}")
         if model and not strict and len(fitting) > 1:
