@@ -202,42 +202,45 @@ class Edge:
             return
         started = time.perf_counter()
         path: str = scope["path"]
-        if self.route_models:
+        if self.route_models and path.startswith("/models/"):
             path, model = model_prefix(path)
             if model is not None:
                 headers = [(k, v) for k, v in scope["headers"] if k != b"x-model"]
                 scope = {**scope, "path": path, "raw_path": path.encode(),
                          "headers": [*headers, (b"x-model", model.encode())]}
+        logging_on = self._logging()
         status = 500
         tokens: bytes | None = None
-        observed_send = send
-        if self.durations is not None or self._logging():
-            async def observed(message: Message) -> None:
-                nonlocal status, tokens
-                if message["type"] == "http.response.start":
-                    status = message["status"]
+
+        async def observed(message: Message) -> None:
+            nonlocal status, tokens
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if logging_on:
                     tokens = next((v for k, v in message.get("headers", ()) if k == b"x-compute-tokens"), None)
-                await send(message)
-            observed_send = observed
+            await send(message)
+
+        counted = False
         try:
             problem, declared = self._refusal(scope)
             cap = self.max_in_flight
-            counted = cap is not None and scope["method"] == "POST"
-            if problem is None and cap is not None and counted and self.in_flight >= cap:
-                problem = engine_errors.overloaded(f"more than {cap} requests under way; retry later")
+            if problem is None and cap is not None and scope["method"] == "POST":
+                if self.in_flight >= cap:
+                    problem = engine_errors.overloaded(f"more than {cap} requests under way; retry later")
+                else:
+                    counted = True
+                    self.in_flight += 1
             if problem is not None:
                 status, body = errors.render(problem, path)
                 await send_error(send, problem, path, (status, body))
                 return
             # A declared length within the limit is all the server reads (HTTP framing); a body of unknown
             # length (chunked) is counted as it comes.
-            self.in_flight += counted
-            try:
-                await self.app(scope, receive if declared else self._limited(receive), observed_send)
-            finally:
-                self.in_flight -= counted
+            await self.app(scope, receive if declared else self._limited(receive), observed)
         finally:
-            self._observe(scope, path, status, started, tokens)
+            if counted:
+                self.in_flight -= 1
+            self._observe(scope, path, status, started, tokens, logging_on)
 
     def _refusal(self, scope: Scope) -> tuple[ClientError | None, bool]:
         """Why the request is refused before it is read (no valid key, or a declared body too large), and
@@ -282,7 +285,8 @@ class Edge:
     def _logging(self) -> bool:
         return self.access_log is not None and self.access_log.isEnabledFor(logging.DEBUG)
 
-    def _observe(self, scope: Scope, path: str, status: int, started: float, tokens: bytes | None) -> None:
+    def _observe(self, scope: Scope, path: str, status: int, started: float, tokens: bytes | None,
+                 logging_on: bool) -> None:
         elapsed = time.perf_counter() - started
         if self.durations is not None:
             route = path if path in self.routes else "other"
@@ -290,7 +294,7 @@ class Edge:
             if child is None:
                 child = self._timers[(route, status)] = self.durations.labels(route, str(status))
             child.observe(elapsed)
-        if self.access_log is not None and self._logging():
+        if logging_on and self.access_log is not None:
             self.access_log.debug("request", extra={"method": scope["method"], "path": path, "status": status,
                                                     "duration_ms": round(elapsed * 1000, 2),
                                                     "tokens": tokens.decode() if tokens else None})

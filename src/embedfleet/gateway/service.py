@@ -103,7 +103,7 @@ budget would only add HTTP round trips for the same batches."""
 HasherKey = tuple[ModelFingerprint, bool, bool, str, str | None, int | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     """One request's inputs by cache key. Token-id inputs have no text to key on: they are computed, never
     cached."""

@@ -257,13 +257,14 @@ class Pool:
         self.mismatches = 0
         self.fingerprint: ModelFingerprint | None = None
         """The model the pool serves (None until a replica has answered /info)."""
+        self._info: UpstreamInfo | None = None
         self._checker: asyncio.Task[None] | None = None
 
     @property
     def info(self) -> UpstreamInfo | None:
-        """The model's info, from a replica that serves the pool's model."""
-        return next((u.info for u in self.upstreams if u.info is not None and u.info.fingerprint == self.fingerprint),
-                    None)
+        """The model's info, from a replica that serves the pool's model (kept by :meth:`settle`: every
+        request reads it)."""
+        return self._info
 
     def _agrees(self, upstream: Upstream) -> bool:
         return upstream.info is not None and upstream.info.fingerprint == self.fingerprint
@@ -289,6 +290,7 @@ class Pool:
             else:
                 u.mismatch = None
             u.healthy = u.alive and agrees
+        self._info = next((u.info for u in self.upstreams if u.info is not None and self._agrees(u)), None)
 
     @property
     def healthy(self) -> list[Upstream]:
@@ -352,6 +354,7 @@ class Pool:
         if upstream is not None:
             self.upstreams = [u for u in self.upstreams if u is not upstream]
             log.info("upstream %s left pool %r", upstream.label, self.name)
+            self.settle()
         return upstream
 
     def _eject(self, upstream: Upstream, reason: BaseException) -> None:
