@@ -1,4 +1,5 @@
-"""Process checks for the fleet tests: is a pid still a live process, and waiting until some are gone."""
+"""Fleet test support: a one-worker fleet config, and process checks (is a pid still a live process, and
+waiting until some are gone)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,31 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from tests.helpers import free_port
+
+
+def one_worker_config(tmp: Path, data_dir: Path, cache: str = "memory://", **fleet: object) -> Path:
+    """An ``embedfleet.toml`` for a fleet of one single-thread worker of the default model (instance
+    ``embed``), its state under ``tmp``, exported graphs in ``data_dir``; ``fleet``: more ``[fleet]`` keys."""
+    low = 21000 + free_port() % 20000
+    extra = "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in fleet.items())
+    path = tmp / "embedfleet.toml"
+    path.write_text(f"""
+[fleet]
+state_dir = "{tmp / 'state'}"
+data_dir = "{data_dir}"
+port_range = "{low}-{low + 20}"
+{extra}
+[[fleet.instances]]
+name = "embed"
+model = "default"
+threads = 1
+
+[gateway]
+cache = "{cache}"
+""")
+    return path
 
 
 def alive(pid: int) -> bool:

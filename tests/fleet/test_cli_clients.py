@@ -18,32 +18,14 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.fleet.procs import assert_gone
-from tests.helpers import ServeProcess, free_port
+from tests.fleet.procs import assert_gone, one_worker_config
+from tests.helpers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp: Path, data_dir: Path) -> Path:
-    low = 21000 + free_port() % 20000
-    path = tmp / "embedfleet.toml"
-    path.write_text(f"""
-[fleet]
-state_dir = "{tmp / 'state'}"
-data_dir = "{data_dir}"
-port_range = "{low}-{low + 20}"
-health_interval = 0.5
-stop_timeout = 10
-
-[[fleet.instances]]
-name = "embed"
-model = "default"
-threads = 1
-
-[gateway]
-cache = "memory://"
-""")
-    return path
+    return one_worker_config(tmp, data_dir, health_interval=0.5, stop_timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.procs import assert_gone
-from tests.helpers import ServeProcess, free_port
+from tests.fleet.procs import assert_gone, one_worker_config
+from tests.helpers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -29,28 +29,8 @@ NOTE = re.compile(r"^\[embedfleet (\S+)\] (.*)$", re.DOTALL)  # a note may carry
 
 
 def _config(tmp: Path, data_dir: Path) -> Path:
-    low = 21000 + free_port() % 20000
-    path = tmp / "embedfleet.toml"
-    path.write_text(f"""
-[fleet]
-state_dir = "{tmp / 'state'}"
-data_dir = "{data_dir}"
-port_range = "{low}-{low + 20}"
-health_interval = 0.2
-health_failures = {HEALTH_FAILURES}
-max_restarts = {MAX_RESTARTS}
-restart_window = 600
-stop_timeout = 1
-
-[[fleet.instances]]
-name = "embed"
-model = "default"
-threads = 1
-
-[gateway]
-cache = "memory://"
-""")
-    return path
+    return one_worker_config(tmp, data_dir, health_interval=0.2, health_failures=HEALTH_FAILURES,
+                             max_restarts=MAX_RESTARTS, restart_window=600, stop_timeout=1)
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ from embedfleet.cache.lmdb_store import LmdbStore
 from embedfleet.cache.memory import VECTOR, MemoryStore, entry_from_blob
 from embedfleet.cache.tiered import TieredCache
 from tests.fleet.loadgen import Outcomes
-from tests.fleet.procs import assert_gone
-from tests.helpers import ServeProcess, free_port
+from tests.fleet.procs import assert_gone, one_worker_config
+from tests.helpers import ServeProcess
 
 # About 100 tokens a text: four requests of 32 keep a single-thread worker busy for a few seconds,
 # well within the gateway's 10 s drain.
@@ -35,25 +35,8 @@ FILLER = ("the quick brown fox jumps over the lazy dog while a careful reader ch
 
 
 def _config(tmp: Path, data_dir: Path) -> Path:
-    low = 21000 + free_port() % 20000
-    path = tmp / "embedfleet.toml"
-    path.write_text(f"""
-[fleet]
-state_dir = "{tmp / 'state'}"
-data_dir = "{data_dir}"
-port_range = "{low}-{low + 20}"
-health_interval = 0.5
-stop_timeout = 60
-
-[[fleet.instances]]
-name = "embed"
-model = "default"
-threads = 1
-
-[gateway]
-cache = "lmdb://{tmp / 'cache'}"
-""")
-    return path
+    return one_worker_config(tmp, data_dir, cache=f"lmdb://{tmp / 'cache'}", health_interval=0.5,
+                             stop_timeout=60)
 
 
 @pytest.fixture(scope="module")
