@@ -1,5 +1,6 @@
-"""Helpers for the gateway's tests: polling with a deadline, cache keys as a gateway computes them, and a
-look straight into a cache store (to know that a write-behind has landed before another gateway reads)."""
+"""Helpers for the gateway's tests: polling with a deadline, cache keys as a gateway computes them, a look
+straight into a cache store (to know that a write-behind has landed before another gateway reads), and a
+bare HTTP/1.1 server on loopback for upstreams that misbehave on purpose."""
 
 from __future__ import annotations
 
@@ -58,3 +59,40 @@ def wait_until_stored(store_url: str, keys: list[bytes], timeout: float = 30.0) 
             await store.close()
 
     asyncio.run(run())
+
+
+class LoopbackServer:
+    """A bare asyncio HTTP/1.1 server on a free loopback port; subclasses answer in :meth:`serve`."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Listen; returns the base URL."""
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self.serve(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the requests of one connection."""
+        raise NotImplementedError
+
+    @staticmethod
+    async def read_body(reader: asyncio.StreamReader) -> bytes:
+        """The body of the next request on the connection (its head read and dropped)."""
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        start = head.index(b"content-length:") + len(b"content-length:")
+        return await reader.readexactly(int(head[start:head.index(b"\r", start)]))
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()

@@ -17,53 +17,37 @@ from embedfleet.cache.tiered import TieredCache
 from embedfleet.engine.errors import EngineError, ErrorKind
 from embedfleet.gateway.service import EmbeddingService
 from embedfleet.gateway.upstream import Pool, UpstreamInfo
+from tests.gateway.support import LoopbackServer
 
 BAD = "a text this upstream refuses"
 INFO = {"model_id": "m", "model_sha": "s", "task": "embedding", "pooling": "mean", "max_client_batch_size": 32,
         "max_batch_tokens": 16384, "max_input_length": 512, "auto_truncate": True, "dimension": 2}
 
 
-class HoldingServer:
+class HoldingServer(LoopbackServer):
     """TEI-shaped ``POST /embed``; the first call waits for :attr:`release`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.release = asyncio.Event()
         self.calls: list[list[str]] = []
-        self.server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).lower()
-                start = head.index(b"content-length:") + len(b"content-length:")
-                body = orjson.loads(await reader.readexactly(int(head[start:head.index(b"\r", start)])))
-                inputs: list[str] = body["inputs"]
-                self.calls.append(inputs)
-                if len(self.calls) == 1:
-                    await self.release.wait()
-                if BAD in inputs:
-                    answer = orjson.dumps({"error": "refused", "error_type": "Validation"})
-                    extra = b"x-error-input: %d\r\n" % inputs.index(BAD)
-                    status = b"422 Unprocessable Entity"
-                else:
-                    answer = orjson.dumps([[float(len(t)), 1.0] for t in inputs])
-                    extra, status = b"", b"200 OK"
-                writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s"
-                             % (status, extra, len(answer), answer))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            inputs: list[str] = orjson.loads(await self.read_body(reader))["inputs"]
+            self.calls.append(inputs)
+            if len(self.calls) == 1:
+                await self.release.wait()
+            if BAD in inputs:
+                answer = orjson.dumps({"error": "refused", "error_type": "Validation"})
+                extra = b"x-error-input: %d\r\n" % inputs.index(BAD)
+                status = b"422 Unprocessable Entity"
+            else:
+                answer = orjson.dumps([[float(len(t)), 1.0] for t in inputs])
+                extra, status = b"", b"200 OK"
+            writer.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s"
+                         % (status, extra, len(answer), answer))
+            await writer.drain()
 
 
 def test_a_waiter_never_gets_another_requests_error() -> None:

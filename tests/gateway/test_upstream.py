@@ -10,46 +10,30 @@ import pytest
 
 from embedfleet.engine.errors import EngineError, ErrorKind
 from embedfleet.gateway.upstream import Pool
+from tests.gateway.support import LoopbackServer
 
 ANSWER = b"[[1.0,2.0]]"
 
 
-class DroppingServer:
+class DroppingServer(LoopbackServer):
     """Answers the first request of each connection (kept alive), drops the connection on the second."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[tuple[int, int]] = []  # (connection number, request number on it)
         self.connections = 0
-        self.server: asyncio.Server | None = None
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         connection = self.connections
-        try:
-            for number in (1, 2):
-                head = (await reader.readuntil(b"\r\n\r\n")).lower()
-                start = head.index(b"content-length:") + len(b"content-length:")
-                await reader.readexactly(int(head[start:head.index(b"\r", start)]))
-                self.requests.append((connection, number))
-                if number == 2:
-                    break  # dropped: no answer
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(ANSWER), ANSWER))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
+        for number in (1, 2):
+            await self.read_body(reader)
+            self.requests.append((connection, number))
+            if number == 2:
+                break  # dropped: no answer
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(ANSWER), ANSWER))
+            await writer.drain()
 
 
 def test_a_connection_dropped_before_the_answer_is_sent_again_not_ejected() -> None:
