@@ -33,7 +33,10 @@ def _open_lmdb(rest: str) -> Store:
     if not path:
         raise StoreURLError("lmdb:// needs a path, e.g. lmdb:///var/lib/embedfleet/cache")
     sizes = {"map_size": DEFAULT_MAP_SIZE, "max_size": DEFAULT_MAX_SIZE}
-    given = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    try:
+        given = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    except ValueError as exc:
+        raise StoreURLError(f"lmdb:// query {query!r}: {exc}") from None
     for name, value in given.items():
         if name not in sizes:
             raise StoreURLError(f"lmdb:// takes map_size and max_size, not {name!r}")
