@@ -111,6 +111,7 @@ def test_lmdb_survives_restart_and_is_shared_between_processes(tmp_path: Path) -
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "50"
     assert asyncio.run(mine.get_many([b"\x01" * 40])) == [b"from the other process"]  # seen live
+    assert asyncio.run(mine.stats()).entries == 51  # the other process's write is counted for this one too
     asyncio.run(mine.close())
 
     async def reopen() -> None:

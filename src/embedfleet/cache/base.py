@@ -16,6 +16,15 @@ class StoreStats:
     per_model: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+class StoreFull(Exception):
+    """A store at its size bound refused a write. Nothing is wrong with it: reads go on, and later writes
+    may fit (after a delete, or as expired entries are overwritten)."""
+
+    def __init__(self, dropped: int, message: str) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+
 class Store(ABC):
     """A key-value store of cache entries. Keys start with an 8-byte model tag."""
 
@@ -27,7 +36,8 @@ class Store(ABC):
 
     @abstractmethod
     async def set_many(self, items: Sequence[tuple[bytes, bytes]], ttl: float | None = None) -> None:
-        """Write entries (overwriting). ``ttl`` in seconds lets stores that can expire entries do so."""
+        """Write entries (overwriting). ``ttl`` in seconds lets stores that can expire entries do so.
+        Raises :class:`StoreFull` when a bounded store has no room for them."""
 
     @abstractmethod
     async def delete(self, model_tag: bytes | None = None) -> int:

@@ -4,8 +4,9 @@ Reads look in memory, then in the store (one round trip for all keys), and back-
 slow or dead store never fails or holds up a request beyond ``read_timeout``: the read counts as
 misses (fail open), the error is counted and logged at most every few seconds, and the store is
 skipped for a short back-off before it is tried again. Writes go to memory at once and to the store
-through a bounded write-behind queue, flushed on close; when the queue is full, entries are dropped
-(a dropped write is only a future miss).
+through a bounded write-behind queue, flushed on close; when the queue is full, or a store at its
+size bound refuses them (:class:`StoreFull`: not an error, reads go on), entries are dropped and
+counted (a dropped write is only a future miss), and a full store is logged at most once a minute.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from embedfleet.cache.base import Store
+from embedfleet.cache.base import Store, StoreFull
 from embedfleet.cache.memory import BLOB, EXPIRES, VECTOR, Entry, MemoryStore, entry_from_blob, entry_from_vector
 
 log = logging.getLogger(__name__)
+
+FULL_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about a full store."""
 
 
 @dataclass
@@ -58,6 +62,8 @@ class TieredCache:
         self._writer: asyncio.Task[None] | None = None
         self._store_down_until = 0.0
         self._last_error_log = 0.0
+        self._last_full_log: float | None = None
+        self._full_since_log = 0
 
     def start(self) -> None:
         """Start the write-behind task (call from the event loop)."""
@@ -175,11 +181,23 @@ class TieredCache:
         started = time.perf_counter()
         try:
             await asyncio.wait_for(self.store.set_many(batch, self.ttl), max(self.read_timeout * 8, 2.0))
+        except StoreFull as exc:
+            self.counters.writes_dropped += exc.dropped
+            self._store_full(exc)
         except Exception as exc:
             self.counters.writes_dropped += len(batch)
             self._store_failed(exc, "write")
         else:
             self.store_latency.labels("write").observe(time.perf_counter() - started)
+
+    def _store_full(self, exc: StoreFull) -> None:
+        self._full_since_log += exc.dropped
+        now = time.monotonic()
+        if self._last_full_log is None or now - self._last_full_log >= FULL_LOG_INTERVAL:
+            self._last_full_log = now
+            log.warning("%s; %d cache writes dropped since the last message (embedfleet_cache_writes_dropped_total "
+                        "counts them all)", exc, self._full_since_log)
+            self._full_since_log = 0
 
     async def delete(self, model_tag: bytes | None = None) -> int:
         """Delete from both tiers; returns the larger count (the tiers overlap)."""

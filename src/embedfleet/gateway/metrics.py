@@ -30,7 +30,8 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily("embedfleet_cache_store_errors", "Cache store reads or writes that failed",
                                   value=c.store_errors)
         yield CounterMetricFamily("embedfleet_cache_writes_dropped",
-                                  "Cache writes dropped (queue full or store down)", value=c.writes_dropped)
+                                  "Cache writes dropped (queue full, store down or at its size bound)",
+                                  value=c.writes_dropped)
         hits = CounterMetricFamily("embedfleet_model_cache_hits", "Unique inputs answered from the cache",
                                    labels=["model"])
         misses = CounterMetricFamily("embedfleet_model_cache_misses", "Unique inputs computed", labels=["model"])
