@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
 from embedfleet import __version__
-from embedfleet.api.edge import batch, json_response, parse_body
+from embedfleet.api.edge import batch, count_token_ids, json_response, parse_body
 from embedfleet.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.engine import errors
@@ -26,6 +27,7 @@ from embedfleet.engine.model import Task
 from embedfleet.gateway.render import cache_headers, render_embed, render_openai
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
+from embedfleet.gateway.upstream import Reply
 
 PASSTHROUGH = ("/embed_all", "/embed_sparse", "/rerank", "/predict", "/similarity", "/tokenize", "/decode")
 """TEI routes the gateway forwards to the model's pool unchanged."""
@@ -128,7 +130,14 @@ async def _forward(service: EmbeddingService, route: str, request: Request) -> R
         raise errors.validation(f"Json deserialize error: {exc}") from None
     if not isinstance(body, dict):
         raise errors.validation("Json deserialize error: the body must be a JSON object")
-    return json_response(await service.pool.post(route, body))
+    info = service.pool.info
+    if info is not None:
+        errors.check_token_ids(count_token_ids(body.get("inputs")) + count_token_ids(body.get("ids")),
+                               service.max_token_ids(info))
+    reply = await service.pool.stream(route, body)
+    if isinstance(reply, Reply):
+        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+    return StreamingResponse(reply.chunks(), status_code=reply.status, media_type=reply.content_type)
 
 
 async def passthrough(request: Request, state: State) -> Response:
