@@ -145,3 +145,10 @@ def test_worker_reports_a_model_that_fails_to_load(tmp_path: Path) -> None:
         assert httpx.post(f"{w.url}/embed", json={"inputs": "a"}, timeout=5).status_code == 503
     finally:
         w.stop()
+
+
+def test_the_gateway_body_limit_fits_a_full_batch_and_no_more_than_a_few_of_them() -> None:
+    settings = GatewaySettings.load(os.devnull)
+    longest_id = len("30521, ")  # a BERT vocabulary's largest id, with its separator
+    full_batch = settings.max_client_batch_size * 512 * longest_id
+    assert full_batch <= settings.payload_limit <= 2 * full_batch

@@ -262,7 +262,8 @@ class GatewaySettings(Settings):
     memory_cache_bytes: int = Field(256 * 1024 * 1024, ge=1, description="bound of the in-process LRU tier")
     cache_ttl: float | None = Field(None, gt=0, description="seconds an entry lives (default: forever)")
     max_client_batch_size: int = Field(2048, ge=1, description="inputs per request; split across upstreams")
-    payload_limit: int = Field(32_000_000, ge=1, description="largest request body in bytes")
+    payload_limit: int = Field(8_000_000, ge=1, description="largest request body in bytes (fits a full batch: "
+                                                            "2,048 inputs of 512 tokens, as text or token ids)")
     upstream_timeout: float = Field(60.0, gt=0, description="seconds an upstream call may take, plus one for "
                                                             "every 250 estimated tokens it carries")
     max_concurrent_requests: int = Field(1024, ge=1, description="POSTs under way before the gateway answers "

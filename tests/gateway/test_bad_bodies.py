@@ -85,3 +85,47 @@ def test_a_worker_model_that_reads_as_an_option_is_refused() -> None:
     for good in ("default", "BAAI/bge-small-en-v1.5", "/srv/models/minilm"):
         assert InstanceRequest(name="w", model=good).model == good
     assert Path("/srv/models/minilm").is_absolute()
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.slow
+def test_token_ids_beyond_a_full_batch_of_the_longest_inputs_are_a_422(gateway: GatewayProcess) -> None:
+    info = gateway.get("/info").json()
+    limit = info["max_client_batch_size"] * info["max_input_length"]
+    too_many = b"[" + b",".join([b"1"] * (limit + 1)) + b"]"
+    for route, body in (("/embed", b'{"inputs": ' + too_many + b"}"),
+                        ("/v1/embeddings", b'{"input": [' + too_many + b"]}"),
+                        ("/embed_all", b'{"inputs": ' + too_many + b"}"),
+                        ("/decode", b'{"ids": ' + too_many + b"}")):
+        r = _post(gateway, route, body)
+        assert r.status_code == 422, (route, r.text)
+        assert r.json()["error_type"] == "Validation"
+        assert f"> maximum allowed {limit}" in r.text, r.text
+    assert _post(gateway, "/embed", b'{"inputs": [[101, 7592, 102]]}').status_code == 200
+
+
+@pytest.mark.slow
+def test_a_large_forwarded_answer_is_streamed_not_held(gateway: GatewayProcess) -> None:
+    assert gateway.proc is not None
+    texts = [("lorem ipsum dolor sit amet " * 80)[:2000] for _ in range(32)]  # 64 KB asking for ~36 MB
+    upstream = gateway.get("/info").json()["upstreams"][0]["url"]
+    direct = httpx.post(f"{upstream}/embed_all", json={"inputs": texts}, timeout=300)
+    assert direct.status_code == 200
+    Path(f"/proc/{gateway.proc.pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _memory(gateway.proc.pid)
+    r = httpx.post(f"{gateway.url}/embed_all", json={"inputs": texts}, timeout=300)
+    peak = _memory(gateway.proc.pid)["VmHWM"]
+    assert r.status_code == 200 and r.content == direct.content
+    assert "content-length" not in r.headers  # passed on as it came
+    # Held whole, the answer cost ~7x its size (bytes, parsed floats, serialised again): 240 MiB here.
+    assert peak - before["VmRSS"] < len(r.content) // 4, (peak - before["VmRSS"], len(r.content))
+    # A small answer is still read whole, checked, and sent with its length; errors keep their shape.
+    small = _post(gateway, "/embed_all", b'{"inputs": ["a"]}')
+    assert small.status_code == 200 and "content-length" in small.headers
+    bad = _post(gateway, "/embed_all", b'{"inputs": ""}')
+    assert bad.status_code in (400, 422) and "error_type" in bad.json()

@@ -54,6 +54,14 @@ def batch(value: str | list[Any]) -> list[str | list[int]]:
     return list(value)
 
 
+def count_token_ids(value: Any) -> int:
+    """The token ids in an input field (``inputs``, ``ids``): a sequence of ids or a batch of them (texts
+    count 0)."""
+    if not isinstance(value, list):
+        return 0
+    return sum(len(v) if isinstance(v, list) else isinstance(v, int) for v in value)
+
+
 def model_prefix(path: str) -> tuple[str, str | None]:
     """``/models/{name}/embed`` is ``/embed`` for model ``name``, and ``/models/{name}`` its base URL ``/``;
     other paths name no model."""

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi import Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from embedfleet.api.errors import STATUS
+from embedfleet.engine.errors import ErrorKind
 from embedfleet.engine.tokenization import TruncationDirection
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
@@ -240,3 +244,15 @@ class OpenAIErrorResponse(BaseModel):
     message: str
     code: int
     error_type: str
+
+
+ERROR_STATUSES = sorted({STATUS[kind] for kind in ErrorKind} | {413})
+"""The statuses a model route can answer with besides 200 (the engine's errors and the body limit)."""
+TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in ERROR_STATUSES}
+"""The error responses of a TEI route, for the OpenAPI document (the worker's and the gateway's)."""
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in ERROR_STATUSES}
+"""The error responses of an OpenAI route."""
+HEALTH: dict[str, Any] = {"response_class": Response, "responses": {503: {"model": ErrorResponse}}}
+"""/health's route options: an empty 200 (no content type), or 503 with the reason."""
+METRICS: dict[str, Any] = {"response_class": PlainTextResponse}
+"""/metrics' route options: Prometheus text."""

@@ -89,3 +89,11 @@ def check_batch_size(n: int, limit: int, field: str = "inputs") -> None:
         raise empty(f"`{field}` cannot be empty")
     if n > limit:
         raise validation(f"batch size {n} > maximum allowed batch size {limit}")
+
+
+def check_token_ids(n: int, limit: int) -> None:
+    """A request's token-id inputs carry at most ``limit`` ids in all (the gateway's rule: its batch size
+    times the model's maximum input length), so a body of ids cannot make it forward more than it serves."""
+    if n > limit:
+        raise validation(f"{n} token ids in the request > maximum allowed {limit} "
+                         "(max_client_batch_size x the model's max_input_length)")

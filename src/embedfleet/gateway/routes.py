@@ -14,11 +14,21 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 
 from embedfleet import __version__
-from embedfleet.api.edge import batch, json_response, parse_body
-from embedfleet.api.schemas import EmbedRequest, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
+from embedfleet.api.edge import batch, count_token_ids, json_response, parse_body
+from embedfleet.api.schemas import (
+    HEALTH,
+    METRICS,
+    OPENAI_ERRORS,
+    TEI_ERRORS,
+    EmbedRequest,
+    ErrorResponse,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+)
 from embedfleet.cache.tiered import TieredCache
 from embedfleet.engine import errors
 from embedfleet.engine.infer import TASK_ROUTES
@@ -26,6 +36,7 @@ from embedfleet.engine.model import Task
 from embedfleet.gateway.render import cache_headers, render_embed, render_openai
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
+from embedfleet.gateway.upstream import Reply
 
 PASSTHROUGH = ("/embed_all", "/embed_sparse", "/rerank", "/predict", "/similarity", "/tokenize", "/decode")
 """TEI routes the gateway forwards to the model's pool unchanged."""
@@ -89,14 +100,14 @@ def _cached(body: bytes, result: EmbedResult) -> Response:
 router = APIRouter()
 
 
-@router.post("/embed", response_model=list[list[float]], tags=["TEI"])
+@router.post("/embed", response_model=list[list[float]], responses=TEI_ERRORS, tags=["TEI"])
 async def embed(req: EmbedRequest, request: Request, state: State) -> Response:
     """Pooled embeddings, from the cache where possible."""
     service = state.pick(request.url.path, request.headers.get("x-model"))
     return _cached(*await embed_tei(service, req, state.policy(request.headers.get("cache-control"))))
 
 
-@router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, tags=["OpenAI"])
+@router.post("/v1/embeddings", response_model=OpenAIEmbeddingResponse, responses=OPENAI_ERRORS, tags=["OpenAI"])
 @router.post("/embeddings", response_model=OpenAIEmbeddingResponse, include_in_schema=False)
 async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request, state: State) -> Response:
     """OpenAI-compatible embeddings, from the cache where possible; ``model`` picks the pool."""
@@ -104,8 +115,8 @@ async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request, state
     return _cached(*await embed_openai(service, req, state.policy(request.headers.get("cache-control"))))
 
 
-@router.post("/", tags=["TEI"])
-@router.post("/invocations", tags=["TEI"])
+@router.post("/", responses=TEI_ERRORS, tags=["TEI"])
+@router.post("/invocations", responses=TEI_ERRORS, tags=["TEI"])
 async def invocations(request: Request, state: State) -> Response:
     """The default pool's task route, as TEI serves it at ``/`` and ``/invocations``: ``/embed`` (through the
     cache) for an embedder, ``/embed_sparse``, ``/rerank`` or ``/predict`` (forwarded) for the others.
@@ -128,7 +139,14 @@ async def _forward(service: EmbeddingService, route: str, request: Request) -> R
         raise errors.validation(f"Json deserialize error: {exc}") from None
     if not isinstance(body, dict):
         raise errors.validation("Json deserialize error: the body must be a JSON object")
-    return json_response(await service.pool.post(route, body))
+    info = service.pool.info
+    if info is not None:
+        errors.check_token_ids(count_token_ids(body.get("inputs")) + count_token_ids(body.get("ids")),
+                               service.max_token_ids(info))
+    reply = await service.pool.stream(route, body)
+    if isinstance(reply, Reply):
+        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+    return StreamingResponse(reply.chunks(), status_code=reply.status, media_type=reply.content_type)
 
 
 async def passthrough(request: Request, state: State) -> Response:
@@ -138,7 +156,7 @@ async def passthrough(request: Request, state: State) -> Response:
 
 
 for _route in PASSTHROUGH:
-    router.add_api_route(_route, passthrough, methods=["POST"], tags=["TEI"],
+    router.add_api_route(_route, passthrough, methods=["POST"], responses=TEI_ERRORS, tags=["TEI"],
                          summary=f"Forwarded to the model's pool: {_route}")
 
 
@@ -163,7 +181,7 @@ async def info(request: Request, state: State) -> Response:
                                         for u in service.pool.upstreams]})
 
 
-@router.get("/health", tags=["TEI"])
+@router.get("/health", **HEALTH, tags=["TEI"])
 @router.get("/ping", include_in_schema=False)
 @router.get("/", include_in_schema=False)
 async def health(state: State) -> Response:
@@ -174,7 +192,7 @@ async def health(state: State) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/metrics", tags=["TEI"])
+@router.get("/metrics", **METRICS, tags=["TEI"])
 async def metrics(state: State) -> Response:
     """Prometheus metrics of the gateway."""
     return Response(generate_latest(state.metrics), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -206,7 +224,7 @@ async def cache_stats(state: State) -> Response:
     })
 
 
-@router.delete("/cache", tags=["cache"])
+@router.delete("/cache", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}, tags=["cache"])
 async def clear_cache(state: State, model: str | None = None) -> Response:
     """Delete every entry, or one model's (``?model=`` a pool name or model id). An admin route."""
     tag = None

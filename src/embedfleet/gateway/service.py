@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from embedfleet.api import binary
+from embedfleet.api.edge import count_token_ids
 from embedfleet.cache.keys import EmbedParams, KeyHasher, ModelFingerprint
 from embedfleet.cache.memory import B64, JSON, TOKENS, Entry, MemoryStore, render_b64, render_json
 from embedfleet.cache.tiered import TieredCache
@@ -149,6 +150,11 @@ class EmbeddingService:
         self.hits = 0
         self.misses = 0
 
+    def max_token_ids(self, info: UpstreamInfo) -> int:
+        """The most token ids a request may carry in all: a full batch of inputs of the model's maximum
+        length."""
+        return self.max_client_batch_size * info.max_input_length
+
     def _info(self) -> UpstreamInfo:
         info = self.pool.info
         if info is None:
@@ -176,6 +182,7 @@ class EmbeddingService:
         """Vectors for the inputs, from the cache where possible: key, look up, claim, compute, merge."""
         errors.check_batch_size(len(inputs), self.max_client_batch_size)
         info = self._info()
+        errors.check_token_ids(count_token_ids(inputs), self.max_token_ids(info))
         if truncate is None:
             truncate = info.auto_truncate
         request = _Request.of(inputs, self._hasher((info.fingerprint, normalize, truncate, direction.value,

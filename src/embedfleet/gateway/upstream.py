@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +48,38 @@ class Reply:
     """On an error about one input, its position in the call's batch (our workers say which)."""
     model: str | None = None
     """The tag of the model fingerprint the answer was computed with (our workers say; TEI servers do not)."""
+
+
+STREAM_ABOVE = 1 << 20
+"""Forwarded answers larger than this (or of unknown length) are streamed to the client as they come, in
+chunks of :data:`STREAM_CHUNK`, rather than read whole: an /embed_all answer (a vector per token) can be
+a thousand times its request, and the gateway's memory must not grow with it."""
+
+STREAM_CHUNK = 1 << 16
+
+
+@dataclass(slots=True)
+class Streamed:
+    """An upstream's 2xx answer on its way: its status and content type, then its body in chunks. The
+    call's slot on the replica is held until the body is read to its end or :meth:`close` is called."""
+
+    status: int
+    content_type: str
+    _response: aiohttp.ClientResponse
+    _release: AsyncExitStack
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk; the call is released at its end (or when the client goes away: the
+        iterator is closed)."""
+        try:
+            async for chunk in self._response.content.iter_chunked(STREAM_CHUNK):
+                yield chunk
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Release the call (a body not read to its end closes its connection)."""
+        await self._release.aclose()
 
 
 class UpstreamFailed(Exception):
@@ -189,6 +222,46 @@ class Upstream:
                     raise
                 log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
                 return await self._call("POST", route, timeout, data=data, headers=headers)
+
+    async def stream(self, route: str, body: dict[str, Any], weight: int) -> Reply | Streamed:
+        """POST JSON and return the answer: read whole (a :class:`Reply`) where it is small, else
+        :class:`Streamed`. Raises as :meth:`post` does for a 4xx or a failed call. The deadline bounds the
+        wait between two reads, not the whole transfer, so a slow client is not cut off by it."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CHECK_TIMEOUT.total,
+                                        sock_read=self.deadline(weight))
+        data = orjson.dumps(body)
+        stack = AsyncExitStack()
+        self.in_flight += weight
+        stack.callback(self._done, weight)
+        try:
+            await stack.enter_async_context(self._calls)
+            try:
+                r = await stack.enter_async_context(self._request(route, data, timeout))
+            except aiohttp.ClientError as exc:
+                if not _dropped_before_answer(exc):
+                    raise
+                log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
+                r = await stack.enter_async_context(self._request(route, data, timeout))
+            if r.status >= 500:
+                raise UpstreamFailed(f"{r.status} {r.reason} from {self.label}")
+            length = r.content_length
+            if r.status >= 400 or (length is not None and length <= STREAM_ABOVE):
+                position = r.headers.get(INPUT_HEADER)
+                reply = Reply(r.status, r.content_type, await r.read(), r.reason or "",
+                              int(position) if position is not None and position.isdigit() else None)
+                if reply.status >= 400:
+                    raise _upstream_error(reply)
+                orjson.loads(reply.body)  # an unreadable answer fails the replica (ValueError), as on every route
+                return reply
+            return Streamed(r.status, r.content_type, r, stack.pop_all())  # released once the body is passed on
+        finally:
+            await stack.aclose()
+
+    def _request(self, route: str, data: bytes, timeout: aiohttp.ClientTimeout) -> Any:
+        return self.session.request("POST", route, data=data, headers=_JSON_HEADERS, timeout=timeout)
+
+    def _done(self, weight: int) -> None:
+        self.in_flight -= weight
 
     async def answers_health(self) -> bool:
         """Whether the replica answers /health now (without changing what the pool thinks of it)."""
@@ -368,6 +441,14 @@ class Pool:
                    parse: Callable[[Reply], T] = parse_json, accept: str | None = None) -> T:
         """Call the least-loaded healthy replica; on failure (an unreadable body included) eject it and retry
         on another."""
+        return await self._call(lambda u: u.post(route, body, weight, parse, accept), weight)
+
+    async def stream(self, route: str, body: dict[str, Any], weight: int = 1) -> Reply | Streamed:
+        """As :meth:`post`, for an answer passed on as it is: a large one is streamed
+        (:meth:`Upstream.stream`)."""
+        return await self._call(lambda u: u.stream(route, body, weight), weight)
+
+    async def _call(self, call: Callable[[Upstream], Awaitable[T]], weight: int) -> T:
         tried: set[Upstream] = set()
         last: BaseException | None = None
         busy = False
@@ -381,7 +462,7 @@ class Pool:
             if attempt:
                 self.retried += 1
             try:
-                return await upstream.post(route, body, weight, parse, accept)
+                return await call(upstream)
             except (EngineError, EdgeError):
                 raise
             except FAILURES as exc:

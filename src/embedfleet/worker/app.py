@@ -20,17 +20,18 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from embedfleet import __version__
 from embedfleet.api import binary
 from embedfleet.api.edge import MODEL_HEADER, Edge, batch, install_error_handlers, json_response, lifespan, parse_body
-from embedfleet.api.errors import STATUS
 from embedfleet.api.schemas import (
+    HEALTH,
+    METRICS,
+    OPENAI_ERRORS,
+    TEI_ERRORS,
     DecodeRequest,
     EmbedAllRequest,
     EmbedRequest,
     EmbedSparseRequest,
-    ErrorResponse,
     Info,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
-    OpenAIErrorResponse,
     Prediction,
     PredictRequest,
     Rank,
@@ -42,7 +43,7 @@ from embedfleet.api.schemas import (
 )
 from embedfleet.cache.keys import ModelFingerprint
 from embedfleet.engine import errors
-from embedfleet.engine.errors import EngineError, ErrorKind
+from embedfleet.engine.errors import EngineError
 from embedfleet.engine.infer import Engine, Stats
 from embedfleet.engine.model import Task
 from embedfleet.engine.tokenization import TruncationDirection
@@ -50,9 +51,7 @@ from embedfleet.engine.tokenization import TruncationDirection
 log = logging.getLogger("embedfleet.worker")
 access_log = logging.getLogger("embedfleet.worker.access")
 
-_ERROR_STATUSES = sorted({STATUS[kind] for kind in ErrorKind} | {413})
-_TEI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in _ERROR_STATUSES}
-_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": OpenAIErrorResponse} for code in _ERROR_STATUSES}
+_TEI_ERRORS, _OPENAI_ERRORS = TEI_ERRORS, OPENAI_ERRORS
 
 
 class WorkerState:
@@ -321,7 +320,7 @@ def info_body(state: WorkerState, engine: Engine) -> dict[str, Any]:
     }
 
 
-@router.get("/health", responses={503: {"model": ErrorResponse}}, tags=["TEI"])
+@router.get("/health", **HEALTH, tags=["TEI"])
 @router.get("/ping", include_in_schema=False)
 @router.get("/", include_in_schema=False)
 async def health(state: State) -> Response:
@@ -330,7 +329,7 @@ async def health(state: State) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/metrics", tags=["TEI"])
+@router.get("/metrics", **METRICS, tags=["TEI"])
 async def metrics(state: State) -> Response:
     """Prometheus metrics."""
     engine = state.engine
