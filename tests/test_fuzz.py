@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 TEI_DOCUMENT = Path(__file__).parent / "data" / "tei-openapi.json"
-EXAMPLES = 12
+EXAMPLES = 8
 """Examples per operation and generation mode: ~12 operations x 2 modes x 12 = ~300 requests a run."""
 
 
