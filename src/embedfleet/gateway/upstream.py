@@ -185,10 +185,11 @@ class Upstream:
         """POST once, and once more where the connection was dropped before any answer."""
         timeout = aiohttp.ClientTimeout(total=self.deadline(weight))
         async with self._calls:
+            session = self.session
             try:
                 return await self._call("POST", route, timeout, data=data, headers=headers)
             except aiohttp.ClientError as exc:
-                if not _dropped_before_answer(exc) or not self.alive:  # not alive: cut by a failed check
+                if not _dropped_before_answer(exc) or session.closed:  # closed: cut by a failed check, or closing
                     raise
                 log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
                 return await self._call("POST", route, timeout, data=data, headers=headers)
@@ -250,7 +251,6 @@ class Upstream:
 
     async def close(self) -> None:
         """Close the connection pool (calls still under way fail, and the pool retries them elsewhere)."""
-        self.alive = False
         if self._session is not None:
             await self._session.close()
 
