@@ -108,11 +108,12 @@ def serve(root: Path) -> Iterator[Serve]:
                 proc.wait()
 
 
-def rss_mib(pid: int) -> float | None:
-    """A process's resident set, in MiB (None once it is gone)."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident set (``RssAnon``: its heap part, without mapped files such as LMDB's), in MiB
+    (None once it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
@@ -200,7 +201,8 @@ class Soak:
 
     async def _sampler(self, client: httpx.AsyncClient, started: float) -> None:
         while (now := time.monotonic()) < started + self.seconds:
-            sample: dict[str, Any] = {"t": round(now - started, 1), "gateway": rss_mib(self.serve_pid), "workers": {}}
+            sample: dict[str, Any] = {"t": round(now - started, 1), "gateway": rss_mib(self.serve_pid),
+                                      "gateway_anon": rss_mib(self.serve_pid, "RssAnon"), "workers": {}}
             for instance in await self._instances(client):
                 pid = instance.get("pid")
                 sample["workers"][instance["name"]] = {"pid": pid, "rss_mib": rss_mib(pid) if pid else None}
@@ -247,10 +249,12 @@ def flatness(series: list[tuple[float, float]]) -> dict[str, Any]:
 
 def processes(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """RSS series per process: the gateway, and each worker process (a restarted instance is a new one)."""
-    series: dict[str, list[tuple[float, float]]] = {"gateway": []}
+    series: dict[str, list[tuple[float, float]]] = {"gateway": [], "gateway, anonymous only": []}
     for s in samples:
         if s["gateway"] is not None:
             series["gateway"].append((s["t"], s["gateway"]))
+        if s.get("gateway_anon") is not None:
+            series["gateway, anonymous only"].append((s["t"], s["gateway_anon"]))
         for name, w in s["workers"].items():
             if w["rss_mib"] is not None:
                 series.setdefault(f"worker {name} (pid {w['pid']})", []).append((s["t"], w["rss_mib"]))
