@@ -5,9 +5,11 @@ than httpx's (its anyio and httpcore layers), and the gateway's CPU is what ever
 the worker's. A pool sends each call to the healthy replica with
 the fewest inputs in flight; a connection error, timeout or 5xx ejects the replica at once
 (passive) and the call is retried on another; an active check polls /health and re-admits
-replicas that answer 200. A kept-alive connection that the replica dropped as the call went out is
-not a failure: the call goes once more to the same replica, on another connection. A 4xx is the
-client's error and is passed through as the error it reports.
+replicas that answer 200. A replica that fails a check while calls wait on it (hung: a stopped
+process still accepts connections) has those calls cut, and they are retried on another at once.
+A kept-alive connection that the replica dropped as the call went out is not a failure: the call
+goes once more to the same replica, on another connection. A 4xx is the client's error and is passed
+through as the error it reports.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class Upstream:
         self.mismatch: str | None = None
         """Why an alive replica is kept out of its pool: it serves another model than the rest."""
         self.in_flight = 0  # estimated tokens of the calls under way
+        self.calls = 0  # calls under way
         self.info: UpstreamInfo | None = None
         self.base_timeout = timeout
         self._calls = asyncio.Semaphore(MAX_CALLS_PER_UPSTREAM)
@@ -215,10 +218,11 @@ class Upstream:
         """POST once, and once more where the connection was dropped before any answer."""
         timeout = aiohttp.ClientTimeout(total=self.deadline(weight))
         async with self._calls:
+            session = self.session
             try:
                 return await self._call("POST", route, timeout, data=data, headers=headers)
             except aiohttp.ClientError as exc:
-                if not _dropped_before_answer(exc):
+                if not _dropped_before_answer(exc) or session.closed:  # closed: cut by a failed check, or closing
                     raise
                 log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
                 return await self._call("POST", route, timeout, data=data, headers=headers)
@@ -285,7 +289,20 @@ class Upstream:
         if alive != self.alive:
             log.info("upstream %s is %s", self.label, "up" if alive else "down")
         self.alive = alive
+        if not alive and self.calls:
+            await self._cut_calls()
         return alive
+
+    async def _cut_calls(self) -> None:
+        """Fail the calls under way now, by closing their connections: a replica that fails its health check
+        while calls wait on it is hung (a stopped process still accepts connections but never answers), and
+        its calls would otherwise wait out their deadline (a minute or more) before the pool retries them on
+        another replica. The next call opens a new connection pool."""
+        session, self._session = self._session, None
+        if session is not None:
+            log.warning("upstream %s failed its health check with %d calls under way: retrying them elsewhere",
+                        self.label, self.calls)
+            await session.close()
 
     async def post(self, route: str, body: dict[str, Any], weight: int, parse: Callable[[Reply], T],
                    accept: str | None = None) -> T:
@@ -293,10 +310,12 @@ class Upstream:
         :data:`FAILURES` where the replica failed the call (5xx, connection, timeout, unreadable body)."""
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
+        self.calls += 1
         try:
             reply = await self._send(route, orjson.dumps(body), headers, weight)
         finally:
             self.in_flight -= weight
+            self.calls -= 1
         if reply.status >= 500:
             raise UpstreamFailed(f"{reply.status} {reply.reason} from {self.label}")
         if reply.status >= 400:
@@ -304,7 +323,7 @@ class Upstream:
         return parse(reply)
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (calls still under way fail, and the pool retries them elsewhere)."""
         if self._session is not None:
             await self._session.close()
 
