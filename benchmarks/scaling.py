@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
-from worker import BATCH, CLIENTS, _exit_on_sigterm, free_port, http_rate, make_texts, publish
+from worker import BATCH, CLIENTS, _exit_on_sigterm, free_port, http_rate, make_texts, publish, serve_fleet
 
 from embedfleet.config import default_data_dir
 from embedfleet.engine.backends import create_backend
@@ -101,30 +101,12 @@ def fleet(name: str, replicas: int, threads: int | None, device: str, root: Path
     port = free_port()
     config = _config(folder, replicas, threads, device, 30000 + (port % 300) * 64)
     log_path = folder / "serve.log"
-    cmd = [sys.executable, "-m", "embedfleet.cli", "serve", "--config", str(config), "--port", str(port),
-           "--log-level", "warning"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    running = Fleet(name, replicas, threads, proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "ready: " not in running.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fleet {name} did not get ready:\n{running.log()[-4000:]}")
-            time.sleep(0.25)
+    with serve_fleet(config, port, log_path, f"fleet {name}", READY_TIMEOUT_S) as proc:
+        running = Fleet(name, replicas, threads, proc, f"http://127.0.0.1:{port}", log_path)
         instances = httpx.get(f"{running.url}/admin/instances", timeout=10).json()["instances"]
         if [i["state"] for i in instances] != ["running"] * replicas:
             raise RuntimeError(f"fleet {name}: {[(i['name'], i['state']) for i in instances]}")
         yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def _raw_replica(pipe: Pipe, device: str) -> None:

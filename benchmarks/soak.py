@@ -48,7 +48,7 @@ import orjson
 from loadgen import Connection, LoadError, build_requests, run_async
 from rich.console import Console
 from rich.table import Table
-from worker import _exit_on_sigterm, free_port, make_texts, publish
+from worker import _exit_on_sigterm, free_port, make_texts, publish, serve_fleet
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT_S = 600.0
@@ -90,27 +90,8 @@ def serve(root: Path) -> Iterator[Serve]:
         'backend = "onnx"', "threads = 1",
         "[gateway]", f'cache = "lmdb://{root / "cache"}"', f"memory_cache_bytes = {MEMORY_CACHE_BYTES}", ""]))
     log_path = root / "serve.log"
-    cmd = [sys.executable, "-m", "embedfleet.cli", "serve", "--config", str(config), "--port", str(port),
-           "--log-level", "warning"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    running = Serve(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "ready: " not in running.log():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not get ready:\n{running.log()[-4000:]}")
-            time.sleep(0.25)
-        yield running
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_fleet(config, port, log_path, "serve", READY_TIMEOUT_S) as proc:
+        yield Serve(proc, f"http://127.0.0.1:{port}", log_path)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float | None:

@@ -261,6 +261,34 @@ def bench_raw_backends(info: ModelInfo, tok: Tokenization, device: str, sets: li
 # --- (c), (d) and (e): worker processes over HTTP ----------------------------------------------------
 
 
+@contextlib.contextmanager
+def serve_fleet(config: Path, port: int, log_path: Path, what: str, timeout: float = 600.0
+                ) -> Iterator[subprocess.Popen[bytes]]:
+    """``embedfleet serve --config CONFIG`` on ``port``, its output in ``log_path``: yielded once it prints its
+    "ready" line (RuntimeError with the log's tail if it exits or ``timeout`` passes first); SIGTERM on the
+    way out, SIGKILL if it has not stopped after 60 s."""
+    cmd = [sys.executable, "-m", "embedfleet.cli", "serve", "--config", str(config), "--port", str(port),
+           "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while "ready: " not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not get ready:\n{log_path.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.25)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (the OS picks it; the worker binds it right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
