@@ -47,6 +47,10 @@ class ConfigError(Exception):
     """The configuration file or a setting is invalid."""
 
 
+HEALTH_CHECK_TIMEOUT_S = 5.0
+"""How long a /health check of a worker may take (the gateway's and the fleet's): a worker answers it from its
+event loop even when busy, so a slower answer means a hung process."""
+
 _DEVICE = re.compile(r"(?:cuda:)?([0-9]+)")
 
 
@@ -322,6 +326,9 @@ class FleetSettings(Settings):
     port_range: str = Field("8081-8180", pattern=r"^\d{1,5}-\d{1,5}$", description="ports of spawned workers")
     health_interval: float = Field(2.0, gt=0, description="seconds between health checks of an instance")
     health_failures: int = Field(3, ge=1, description="failed checks in a row before a restart")
+    health_timeout: float = Field(HEALTH_CHECK_TIMEOUT_S, gt=0, description="seconds a health check may take; "
+                                  "a failed check takes the instance out of its pool at once (calls under way "
+                                  "are retried on other replicas) until a check passes")
     max_restarts: int = Field(5, ge=0, description="restarts within --restart-window before `failed`")
     restart_window: float = Field(600.0, gt=0, description="seconds in which --max-restarts are counted")
     start_timeout: float = Field(600.0, gt=0, description="seconds a worker may take to become healthy")

@@ -58,7 +58,7 @@ def test_a_hung_worker_is_restarted_with_growing_backoff_then_failed(fleet: Serv
     try:
         os.kill(first["pid"], signal.SIGSTOP)  # alive, port open, answers nothing: hung
         stopped.append(first["pid"])
-        # Each check of a hung worker waits for the supervisor's 10 s health timeout.
+        # Each check of a hung worker waits for the supervisor's 5 s health timeout.
         second = fleet.wait_instance("embed", lambda i: i["state"] == "running" and i["pid"] not in (None, *stopped),
                                      timeout=120)
         assert second["restarts"] == 1 and second["last_error"] is None

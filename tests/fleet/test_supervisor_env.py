@@ -54,6 +54,9 @@ class _NoPools:
     async def leave(self, name: str, url: str, drain_timeout: float = 30.0) -> None:
         return None
 
+    async def suspend(self, name: str, url: str, reason: str) -> None:
+        return None
+
     async def forget(self, name: str) -> None:
         return None
 

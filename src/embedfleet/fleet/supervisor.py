@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from embedfleet.config import ENV_PREFIX, FleetSettings, WorkerSettings, settings_flags
+from embedfleet.config import ENV_PREFIX, HEALTH_CHECK_TIMEOUT_S, FleetSettings, WorkerSettings, settings_flags
 from embedfleet.fleet.devices import placement
 from embedfleet.fleet.errors import FleetError, FleetErrorCode, timestamp
 from embedfleet.fleet.spec import WORKER_OPTIONS, InstanceSpec
@@ -70,6 +70,10 @@ class Membership(Protocol):
     async def leave(self, name: str, url: str, drain_timeout: float = 30.0) -> None:
         """Stop routing to ``url``, once its calls under way are done."""
 
+    async def suspend(self, name: str, url: str, reason: str) -> None:
+        """Stop routing to ``url`` now, failing its calls under way over to other replicas (it did not
+        answer a health check: hung, or cut off); :meth:`join` routes to it again."""
+
     async def forget(self, name: str) -> None:
         """Drop pool ``name`` if nothing serves it any more."""
 
@@ -95,7 +99,7 @@ class SupervisorSettings:
     gpus: list[str] = field(default_factory=list)
     reserved_ports: frozenset[int] = frozenset()
     host: str = "127.0.0.1"  # workers listen on loopback: only the gateway talks to them
-    health_timeout: float = 10.0
+    health_timeout: float = HEALTH_CHECK_TIMEOUT_S
     drain_timeout: float = 30.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -110,7 +114,8 @@ class SupervisorSettings:
                    start_timeout=fleet.start_timeout, stop_timeout=fleet.stop_timeout, max_restarts=fleet.max_restarts,
                    restart_window=fleet.restart_window, max_instances=fleet.max_instances,
                    external_hosts=fleet.external_hosts, worker_log_level=fleet.log_level,
-                   worker_log_format=fleet.log_format, gpus=gpus, reserved_ports=reserved_ports)
+                   worker_log_format=fleet.log_format, gpus=gpus, reserved_ports=reserved_ports,
+                   health_timeout=fleet.health_timeout)
 
 
 class InstanceLog:
@@ -662,6 +667,10 @@ class Supervisor:
             instance.health_failures = failures
             instance.failed_checks += 1
             instance.last_error = why
+            if failures == 1 and instance.in_pool:
+                # Out of the pool at once: requests waiting on a hung worker are retried on the others now,
+                # not after the failed checks, the restart and the drain (a minute or more).
+                await self.membership.suspend(instance.spec.pool, url, f"health check failed: {why}")
             if failures >= self.settings.health_failures:
                 return f"{failures} health checks failed in a row (last: {why})"
 

@@ -66,6 +66,12 @@ class ModelRouter:
             await asyncio.sleep(0.05)
         await upstream.close()
 
+    async def suspend(self, name: str, url: str, reason: str) -> None:
+        """Stop routing to ``url`` at once, its calls under way retried elsewhere, until it joins again."""
+        service = self.services.get(name)
+        if service is not None:
+            await service.pool.suspend(url, reason)
+
     async def forget(self, name: str) -> None:
         """Drop the pool of a model no instance serves any more (its requests then get 404)."""
         service = self.services.get(name)

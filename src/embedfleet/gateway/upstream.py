@@ -28,6 +28,7 @@ from embedfleet.api import errors as edge_errors
 from embedfleet.api.edge import INPUT_HEADER, MODEL_HEADER
 from embedfleet.api.errors import EdgeError
 from embedfleet.cache.keys import ModelFingerprint
+from embedfleet.config import HEALTH_CHECK_TIMEOUT_S
 from embedfleet.engine import errors
 from embedfleet.engine.errors import EngineError
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _JSON_HEADERS = {"content-type": "application/json"}
-_CHECK_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+_CHECK_TIMEOUT = aiohttp.ClientTimeout(total=HEALTH_CHECK_TIMEOUT_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,10 +291,10 @@ class Upstream:
             log.info("upstream %s is %s", self.label, "up" if alive else "down")
         self.alive = alive
         if not alive and self.calls:
-            await self._cut_calls()
+            await self.cut_calls()
         return alive
 
-    async def _cut_calls(self) -> None:
+    async def cut_calls(self) -> None:
         """Fail the calls under way now, by closing their connections: a replica that fails its health check
         while calls wait on it is hung (a stopped process still accepts connections but never answers), and
         its calls would otherwise wait out their deadline (a minute or more) before the pool retries them on
@@ -448,6 +449,16 @@ class Pool:
             log.info("upstream %s left pool %r", upstream.label, self.name)
             self.settle()
         return upstream
+
+    async def suspend(self, url: str, reason: str) -> None:
+        """Stop routing to the member at ``url`` now and fail its calls under way, which are retried on
+        other replicas: its supervisor found it not answering (hung). :meth:`add` re-admits it."""
+        upstream = self.find(url)
+        if upstream is None:
+            return
+        self._eject(upstream, RuntimeError(reason))
+        if upstream.calls:
+            await upstream.cut_calls()
 
     def _eject(self, upstream: Upstream, reason: BaseException) -> None:
         upstream.alive = False  # until a health check finds it alive again (and reads its /info again)
