@@ -97,8 +97,9 @@ def prompts_model(tmp_path_factory: pytest.TempPathFactory, default_path: Path) 
 
 @pytest.fixture(scope="session")
 def worker(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """One worker with the default model on the onnx backend, shared by the session."""
-    proc = WorkerProcess(["--model", "default", "--max-client-batch-size", "32"], data_dir,
+    """One worker with the default model in exact float32 (its vectors are compared with sentence-transformers'
+    to 1e-5), shared by the session. ``tests/worker/test_precision.py`` covers the default, ``--dtype auto``."""
+    proc = WorkerProcess(["--model", "default", "--dtype", "float32", "--max-client-batch-size", "32"], data_dir,
                          tmp_path_factory.mktemp("worker-log"))
     with proc:
         yield proc

@@ -54,7 +54,7 @@ def test_worker_help_shows_brackets_defaults_and_env_vars() -> None:
     assert "[env var: EMBEDFLEET_WORKER_PORT; default: 8081]" in text
     assert "default: --auto-truncate]" in text and "default: --no-exit-on-load-failure]" in text
     assert WorkerSettings.model_fields["max_batch_tokens"].description in text
-    assert "<auto|onnx|torch>" in text
+    assert "<auto|onnx|openvino|torch>" in text
     serve = " ".join(_help("serve").split())
     assert "[[fleet.instances]]" in serve and "--instances" not in serve and "EMBEDFLEET_GATEWAY_PORT" in serve
 

@@ -36,8 +36,8 @@ CONFIG_ENV = "EMBEDFLEET_CONFIG"
 """The config file, when ``--config`` is not given."""
 
 Pooling = Literal["mean", "cls", "last_token", "splade"]
-Backend = Literal["auto", "onnx", "torch"]
-DType = Literal["float32", "float16", "bfloat16"]
+Backend = Literal["auto", "onnx", "openvino", "torch"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
 Quantize = Literal["int8"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
@@ -213,9 +213,10 @@ class WorkerSettings(Settings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8081, ge=0, le=65535, description="port to listen on")
     device: str = Field("auto", description="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
-    backend: Backend = Field("auto", description="inference runtime; auto: onnx on CPU, torch on CUDA")
-    dtype: DType | None = Field(None, description="compute type of the torch backend (default: float16 on CUDA, "
-                                                  "float32 on CPU)")
+    backend: Backend = Field("auto", description="inference runtime; auto: torch on CUDA; on CPU openvino, or for "
+                                                 "float32 the faster of openvino and onnx here (measured once)")
+    dtype: DType = Field("auto", description="compute type; auto: float16 on CUDA, bfloat16 on CPUs with native "
+                                             "bf16 (AMX, AVX512-BF16) if it passes an accuracy gate, else float32")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of the backend "
                                                                  "(default: all cores)")
     quantize: Quantize | None = Field(None, description="dynamic quantization of the onnx backend")
@@ -246,7 +247,7 @@ class WorkerSettings(Settings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.quantize and self.backend == "torch":
+        if self.quantize and self.backend not in ("auto", "onnx"):
             raise ValueError("--quantize int8 needs the onnx backend")
         return self
 

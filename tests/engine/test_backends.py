@@ -44,10 +44,11 @@ def reference() -> np.ndarray:
     return np.asarray(st.encode(TEXTS, batch_size=8, normalize_embeddings=True))
 
 
-@pytest.mark.parametrize("name", ["onnx", "torch"])
+@pytest.mark.parametrize("name", ["onnx", "torch", "openvino"])
 def test_backend_matches_sentence_transformers(name: str, reference: np.ndarray, data_dir: Path) -> None:
     info = inspect("default")
-    backend = create_backend(info, name, "cpu", data_dir)
+    backend = create_backend(info, name, "cpu", data_dir, dtype="float32")
+    assert backend.dtype == "float32"
     cos = (_unit(_embed(backend, info, TEXTS)) * reference).sum(axis=1)
     assert cos.min() >= 0.9999, cos
 
@@ -85,8 +86,11 @@ def test_token_embeddings_match_torch(data_dir: Path) -> None:
     info = inspect("default")
     onnx_tokens = _embed(create_backend(info, "onnx", "cpu", data_dir), info, TEXTS[:2], Output.TOKENS)
     torch_tokens = _embed(create_backend(info, "torch", "cpu", data_dir), info, TEXTS[:2], Output.TOKENS)
-    assert onnx_tokens.shape == torch_tokens.shape
+    openvino = create_backend(info, "openvino", "cpu", data_dir, dtype="float32")
+    openvino_tokens = _embed(openvino, info, TEXTS[:2], Output.TOKENS)
+    assert onnx_tokens.shape == torch_tokens.shape == openvino_tokens.shape
     assert np.abs(onnx_tokens - torch_tokens).max() < 1e-3
+    assert np.abs(openvino_tokens - torch_tokens).max() < 1e-3
 
 
 def test_shipped_onnx_is_reused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -136,13 +140,15 @@ def test_task_heads_agree_across_backends(kind: str, output: Output, tiny_models
                                           tmp_path: Path) -> None:
     info = inspect(str(tiny_models[kind]))
     onnx = create_backend(info, "onnx", "cpu", tmp_path)
+    openvino = create_backend(info, "openvino", "cpu", tmp_path, dtype="float32")
     tch = create_backend(info, "torch", "cpu", tmp_path)
     tok = Tokenization(info.path, info.max_input_length)
     batch = PaddedBatch.from_encoded(tok.encode(["query one", "a somewhat longer second query"], truncate=True,
                                                 pairs=["doc a", "doc b is longer than doc a"]))
-    a, b = onnx.forward(batch, output), tch.forward(batch, output)
-    assert a.shape == b.shape == (2, info.dimension)
+    a, b, c = onnx.forward(batch, output), tch.forward(batch, output), openvino.forward(batch, output)
+    assert a.shape == b.shape == c.shape == (2, info.dimension)
     assert np.abs(a - b).max() < 1e-4
+    assert np.abs(c - b).max() < 1e-4
 
 
 def test_export_writes_the_task_outputs(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -161,7 +167,7 @@ def test_cuda_without_cuda_fails_clearly(data_dir: Path) -> None:
 
 
 def test_int8_quantization_is_for_the_onnx_backend_only(data_dir: Path) -> None:
-    with pytest.raises(ModelError, match="onnx backend only"):
+    with pytest.raises(ModelError, match="needs the onnx backend"):
         create_backend(inspect("default"), "torch", "cpu", data_dir, quantize="int8")
 
 

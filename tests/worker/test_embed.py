@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from embedfleet.api import binary
+from embedfleet.engine.backends.onnx_backend import CPU_BATCH_TOKENS
+from embedfleet.engine.backends.openvino_backend import BATCH_TOKENS
 from tests.helpers import WorkerProcess, validate_schema
 from tests.worker import busy
 
@@ -144,7 +146,10 @@ def test_info_health_metrics_openapi(worker: WorkerProcess) -> None:
     validate_schema(info, "Info")
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert (info["max_input_length"], info["dimension"], info["max_client_batch_size"]) == (256, 384, 32)
-    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (512, 32)  # onnx on CPU
+    # The batch budget of the runtime the fp32 race picked on this machine (512 tokens for onnx on CPU).
+    expected_tokens = {"onnx": CPU_BATCH_TOKENS, "openvino": BATCH_TOKENS["float32"]}[info["backend"]]
+    assert (info["model_dtype"], info["quantization"]) == ("float32", None)
+    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (expected_tokens, 32)
     probes = worker.metric("te_batch_inference_success_total")
     assert worker.get("/health").status_code == 200
     assert worker.metric("te_batch_inference_success_total") == probes + 1  # idle: a real one-input inference

@@ -228,6 +228,8 @@ class Info(BaseModel):
     dimension: int
     backend: str
     device: str
+    quantization: str | None = None
+    backend_selection: str = Field("", description="what chose the backend and dtype, and why (--dtype auto)")
     revision: str | None = None
 
 

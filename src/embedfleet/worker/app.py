@@ -316,7 +316,8 @@ def info_body(state: WorkerState, engine: Engine) -> dict[str, Any]:
         "tokenization_workers": lim.tokenization_workers, "version": __version__, "sha": None,
         "docker_label": None, "task": i.task.value, "pooling": i.pooling.value if i.pooling else None,
         "dimension": i.dimension, "backend": engine.backend.name, "device": engine.backend.device,
-        "revision": i.revision,
+        "quantization": engine.backend.dtype if engine.backend.dtype == "int8" else None,
+        "backend_selection": engine.backend.selection, "revision": i.revision,
     }
 
 

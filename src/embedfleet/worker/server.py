@@ -53,7 +53,7 @@ def summary(engine: Engine, settings: WorkerSettings, seconds: float) -> str:
     return (f"serving model={i.model_id} task={i.task.value} pooling={i.pooling.value if i.pooling else '-'} "
             f"dim={i.dimension} max_input_length={i.max_input_length} backend={b.name} device={b.device} "
             f"dtype={b.dtype} sha={i.sha[:12]} on http://{settings.host}:{settings.port} "
-            f"(loaded in {seconds:.1f}s)")
+            f"(loaded in {seconds:.1f}s; {b.selection})")
 
 
 def create_worker_app(settings: WorkerSettings) -> tuple[FastAPI, WorkerState]:

@@ -65,6 +65,7 @@ class Backend(ABC):
     device: str
     dtype: str
     info: ModelInfo
+    selection: str = ""  # what chose this backend and dtype, in words (set by create_backend)
 
     @abstractmethod
     def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:

@@ -34,7 +34,7 @@ _OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "c
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Serialise exports across processes (a fleet starts many workers of one model at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -189,7 +189,7 @@ def prepare(info: ModelInfo, cache_dir: Path, quantize: str | None = None, optim
     folder.mkdir(parents=True, exist_ok=True)
     plain = folder / f"{tag}.onnx"
     optimized = folder / f"{tag}-opt.onnx"
-    with _file_lock(folder / f"{tag}.lock"):
+    with file_lock(folder / f"{tag}.lock"):
         if not plain.exists():
             log.info("exporting %s to ONNX (once; cached in %s)", info.model_id, folder)
             tmp = _atomic_target(plain)
