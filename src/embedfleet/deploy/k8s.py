@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from embedfleet.deploy import files, monitoring
-from embedfleet.deploy.plan import HF_HOME, REDIS_PORT, WORKER_DATA, WORKER_PORT, Plan, Worker, dns_label
+from embedfleet.deploy.plan import HF_HOME, REDIS_PORT, WORKER_DATA, WORKER_PORT, Cache, Plan, Worker, dns_label
 
 PART_OF = {"app.kubernetes.io/part-of": "embedfleet"}
 SECRET = "embedfleet-gateway-secrets"
@@ -132,6 +132,9 @@ def _redis() -> list[dict[str, Any]]:
 def render(plan: Plan) -> dict[str, str]:
     """The files, by path relative to the output folder."""
     cache = plan.cache(redis_host=REDIS, shared=True)
+    if cache.kind == "qdrant":
+        cache = Cache("qdrant", plan.gateway.cache)
+        plan.notes.append(f"Qdrant is not deployed: the gateways use {plan.gateway.cache} as configured")
     upstreams = plan.upstreams({pool: f"dns+http://{workers_service(pool)}:{WORKER_PORT}" for pool in plan.pools})
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(CONFIG, "gateway"),
               "data": plan.gateway_settings_env(upstreams, cache)}

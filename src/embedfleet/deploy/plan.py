@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from embedfleet.config import FleetSettings, GatewaySettings, load_config_table, settings_flags
+from embedfleet.config import ConfigError, FleetSettings, GatewaySettings, load_config_table, settings_flags
 from embedfleet.fleet.plan import declared
 from embedfleet.fleet.supervisor import instance_options
 
@@ -169,10 +169,14 @@ def env_value(value: Any) -> str:
 
 
 def make_plan(fleet: FleetSettings, gateway: GatewaySettings, config: Path | None, gpus: int,
-              cpus: int | None = None) -> Plan:
-    """The plan for a target host with ``gpus`` GPUs (and ``cpus`` cores: the default of CPU replicas)."""
-    specs = declared(fleet, [str(i) for i in range(gpus)], cpus)
-    workers: list[Worker] = []
+              cpus: int | None = None, workers: bool = True) -> Plan:
+    """The plan for a target host with ``gpus`` GPUs (and ``cpus`` cores: the default of CPU replicas);
+    without ``workers``, the gateway's part alone."""
+    try:
+        specs = declared(fleet, [str(i) for i in range(gpus)], cpus) if workers else []
+    except ConfigError as exc:
+        raise DeployError(f"{exc} (deploy plans for target hosts with --gpus {gpus} GPU(s))") from None
+    planned: list[Worker] = []
     notes: list[str] = []
     for spec in specs:
         if spec.model is None:
@@ -188,8 +192,8 @@ def make_plan(fleet: FleetSettings, gateway: GatewaySettings, config: Path | Non
         if worker.local_model:
             notes.append(f"instance {spec.name}: model folder {spec.model} is mounted read-only from the host "
                          "(Compose); in Kubernetes, put it in the image or on a volume at that path")
-        workers.append(worker)
-    if not workers:
+        planned.append(worker)
+    if workers and not planned:
         raise DeployError("the configuration declares no worker to deploy")
     table = load_config_table(config, GatewaySettings.table)
     fixed = {"upstream", "cache", "host", "port", *SECRET_SETTINGS}
@@ -202,4 +206,4 @@ def make_plan(fleet: FleetSettings, gateway: GatewaySettings, config: Path | Non
                          "container at the same path")
     if table.get("upstream"):
         notes.append("[gateway] upstream is replaced by the deployed workers")
-    return Plan(fleet, gateway, workers, env, secrets, notes)
+    return Plan(fleet, gateway, planned, env, secrets, notes)

@@ -20,7 +20,7 @@ DEFAULT_GATEWAYS = ("gateway-1", "gateway-2")
 def run_deploy(kind: str, fleet: FleetSettings, gateway: GatewaySettings, config: Path | None, out: Path,
                gpus: int, cpus: int | None, console: Console, **options: Any) -> list[Path]:
     """Write the files of ``kind`` (compose, nginx or k8s) into ``out``; print and return their paths."""
-    plan = make_plan(fleet, gateway, config, gpus, cpus)
+    plan = make_plan(fleet, gateway, config, gpus, cpus, workers=kind != "nginx")
     secret: frozenset[str] = frozenset()
     if kind == "compose":
         rendered = compose.render(plan, out)
