@@ -75,7 +75,8 @@ def render(plan: Plan, out: Path) -> dict[str, str]:
     health = f"{plan.scheme}://127.0.0.1:{port}/health"
     services: dict[str, Any] = {w.service: _worker(plan, w, out) for w in plan.workers}
     volumes: dict[str, Any] = {"hf-cache": {}, "fleet-data": {}}
-    depends: dict[str, Any] = {w.service: {"condition": "service_healthy"} for w in plan.workers}
+    # The gateway admits workers as they turn healthy: one that never does must not hold the gateway back.
+    depends: dict[str, Any] = {w.service: {"condition": "service_started"} for w in plan.workers}
     if cache.kind == "redis":
         services["redis"] = {"image": REDIS_IMAGE, "command": ["redis-server", "--appendonly", "yes"],
                              "volumes": ["redis-data:/data"], "expose": [str(REDIS_PORT)],
