@@ -66,7 +66,7 @@ def test_pool_follows_the_addresses_of_a_name(hosts: HostsFile, tiny_models: dic
                                               tmp_path: Path) -> None:
     port = free_port()
     workers = {a: AddressedWorker(a, port, tiny_models["cls"], data_dir, tmp_path)
-               for a in ("127.0.0.2", "127.0.0.3", "127.0.0.4")}
+               for a in ("127.0.0.2", "127.0.0.3")}
     gateway = GatewayProcess(["--upstream", f"dns+http://{hosts.name}:{port}", "--upstream-dns-interval", "0.2",
                               "--cache", "memory://"], data_dir, tmp_path / "gateway")
     try:
@@ -74,7 +74,7 @@ def test_pool_follows_the_addresses_of_a_name(hosts: HostsFile, tiny_models: dic
             w.start(wait=False)
         for w in workers.values():
             w.wait_healthy()
-        hosts.set(["127.0.0.2", "127.0.0.3"])
+        hosts.set(["127.0.0.2"])
         gateway.start()
 
         def members() -> dict[str, bool]:
@@ -85,24 +85,24 @@ def test_pool_follows_the_addresses_of_a_name(hosts: HostsFile, tiny_models: dic
             wanted = {f"http://{a}:{port}": True for a in addresses}
             wait_for(lambda: members() == wanted, f"pool members {sorted(wanted)}", timeout=30)
 
+        expect(["127.0.0.2"])
+        r = gateway.post("/embed", {"inputs": ["dns text"]})
+        assert r.status_code == 200, r.text
+        hosts.set(["127.0.0.2", "127.0.0.3"])  # a replica appears
         expect(["127.0.0.2", "127.0.0.3"])
-        for i in range(8):  # every answer comes from one of the resolved replicas
-            r = gateway.post("/embed", {"inputs": [f"dns text {i}"]})
-            assert r.status_code == 200, r.text
-        hosts.set(["127.0.0.2", "127.0.0.3", "127.0.0.4"])  # a replica appears
-        expect(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
-        hosts.set(["127.0.0.3", "127.0.0.4"])  # one disappears: drained and dropped
-        expect(["127.0.0.3", "127.0.0.4"])
+        hosts.set(["127.0.0.3"])  # one disappears: drained and dropped
+        expect(["127.0.0.3"])
         before = workers["127.0.0.2"].metric("te_request_count_total")
-        for i in range(8):
+        for i in range(4):
             r = gateway.post("/embed", {"inputs": [f"dns text after {i}"]})
             assert r.status_code == 200, r.text
         assert workers["127.0.0.2"].metric("te_request_count_total") == before  # no call to a dropped replica
+        assert workers["127.0.0.3"].metric("te_request_count_total") >= 4
         hosts.set([])  # a failed look-up keeps the replicas it had
         wait_for(lambda: "cannot resolve" in gateway.log(), "a failed look-up logged")
         r = gateway.post("/embed", {"inputs": ["dns text, name gone"]})
         assert r.status_code == 200, r.text
-        assert members() == {f"http://127.0.0.3:{port}": True, f"http://127.0.0.4:{port}": True}
+        assert members() == {f"http://127.0.0.3:{port}": True}
     finally:
         gateway.stop()
         for w in workers.values():
