@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: install serve test lint bench clean redis-server
+.PHONY: install serve test lint bench clean debian-packages redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,22 +28,34 @@ serve: install
 	$(BIN)/embedfleet serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 ## Lint, type-check and run the whole test suite (slow integration tests included).
-test: install lint redis-server
+test: install lint debian-packages
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## The tests start a real redis-server (the shared cache store): installed with apt where it is missing
-## (as root, or with password-less sudo); otherwise `make test` stops and says how, rather than skip them.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+## Debian packages the tests use for real: redis-server (the Redis cache tests start one), nginx and
+## docker-compose (the `embedfleet deploy` tests run `nginx -t`, nginx itself, and `docker-compose config -q`,
+## which validates without a Docker engine). Installed with apt where missing (as root, or with password-less
+## sudo), without recommends (docker-compose would pull the Docker engine); otherwise `make test` stops and
+## says how, rather than skip them.
+DEBIAN_PACKAGES := redis-server:redis-server nginx:nginx docker-compose:docker-compose
+
+debian-packages:
+	@missing=""; for pair in $(DEBIAN_PACKAGES); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { \
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -n"; \
 	  if command -v apt-get >/dev/null 2>&1 && $$SUDO true 2>/dev/null; then \
-	    echo "installing redis-server (the tests start one)"; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; \
+	    echo "installing$$missing (the tests start them)"; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "make test needs redis-server on PATH (the Redis cache tests start one):" >&2; \
-	    echo "  sudo apt-get install redis-server   (Debian/Ubuntu), or: brew install redis" >&2; \
+	    echo "make test needs these Debian packages:$$missing" >&2; \
+	    echo "  sudo apt-get install$$missing   (Debian/Ubuntu)" >&2; \
 	    exit 1; \
 	  fi; }
+
+# The former name of debian-packages.
+redis-server: debian-packages
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -82,7 +82,7 @@ def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str
                      ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Make ``fn(settings, ...)`` a command whose options are the settings' fields (all but the config file's
     own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings object
-    per class."""
+    per class, and its own keyword-only options (``config``, if it takes it, is the config file given)."""
     classes = [p if isinstance(p, tuple) else (p, [n for n in p.model_fields if n not in p.file_only])
                for p in parts]
     owner = {name: i for i, (_, names) in enumerate(classes) for name in names}
@@ -95,8 +95,11 @@ def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str
                                        f"./{DEFAULT_CONFIG_FILE} if present]", show_default=False)]))
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind == p.KEYWORD_ONLY]
+
         def command(**options: Any) -> None:
             config = options.pop("config")
+            extra = {p.name: config if p.name == "config" else options.pop(p.name) for p in own}
             flags: list[dict[str, Any]] = [{} for _ in classes]
             for name, value in options.items():
                 flags[owner[name]][name] = value
@@ -104,9 +107,9 @@ def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str
                 loaded = [cls.load(config, **given) for (cls, _), given in zip(classes, flags, strict=True)]
             except (ConfigError, ValidationError) as exc:
                 raise _fail(str(exc)) from None
-            fn(*loaded)
+            fn(*loaded, **extra)
 
-        return _derived(fn, command, params)
+        return _derived(fn, command, [*params, *(p for p in own if p.name != "config")])
 
     return wrap
 
@@ -183,6 +186,57 @@ def serve(fleet_settings: FleetSettings, gateway_settings: GatewaySettings) -> N
     except (ConfigError, StateLockedError, ValueError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+deploy_app = typer.Typer(help="Write deployment files (Compose, nginx, Kubernetes) from the config `serve` reads.",
+                         no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(deploy_app, name="deploy")
+OutOption = Annotated[Path, typer.Option("--out", help="Folder to write the files into (made if missing).",
+                                         show_default=False)]
+GpusOption = Annotated[int, typer.Option(min=0, max=64, help="GPUs of each target host: one worker per GPU "
+                                         "(0: CPU workers).")]
+CpusOption = Annotated[int | None, typer.Option(min=1, max=1024, help="Cores of each target host: how many CPU "
+                                                "workers when [fleet] replicas is unset (default: this machine's).",
+                                                show_default=False)]
+
+
+def _deploy(kind: str, fleet_settings: FleetSettings, gateway_settings: GatewaySettings, config: Path | None,
+            folder: Path, gpus: int, cpus: int | None, **options: Any) -> None:
+    from embedfleet.deploy.plan import DeployError
+    from embedfleet.deploy.run import run_deploy
+
+    try:
+        run_deploy(kind, fleet_settings, gateway_settings, config, folder, gpus, cpus, out, **options)
+    except (ConfigError, DeployError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@deploy_app.command("compose")
+@settings_command(FleetSettings, (GatewaySettings, SERVE_GATEWAY_OPTIONS))
+def deploy_compose(fleet_settings: FleetSettings, gateway_settings: GatewaySettings, *, out: OutOption,
+                   gpus: GpusOption = 0, cpus: CpusOption = None, config: Path | None = None) -> None:
+    """docker-compose.yml: a worker per GPU (or CPU replica), the gateway, its cache, Prometheus and Grafana."""
+    _deploy("compose", fleet_settings, gateway_settings, config, out, gpus, cpus)
+
+
+@deploy_app.command("nginx")
+@settings_command(FleetSettings, (GatewaySettings, SERVE_GATEWAY_OPTIONS))
+def deploy_nginx(fleet_settings: FleetSettings, gateway_settings: GatewaySettings, *, out: OutOption,
+                 gateway: Annotated[list[str] | None, typer.Option(
+                     "--gateway", help="A gateway as HOST or HOST:PORT, repeated (default: gateway-1 and "
+                                       "gateway-2 on the configured port).", show_default=False)] = None,
+                 listen: Annotated[str, typer.Option(help="Where nginx listens: [ADDRESS:]PORT.")] = "80",
+                 config: Path | None = None) -> None:
+    """nginx.conf in front of several gateways: least_conn, keep-alive, retries on the next gateway."""
+    _deploy("nginx", fleet_settings, gateway_settings, config, out, 0, 1, gateways=gateway or [], listen=listen)
+
+
+@deploy_app.command("k8s")
+@settings_command(FleetSettings, (GatewaySettings, SERVE_GATEWAY_OPTIONS))
+def deploy_k8s(fleet_settings: FleetSettings, gateway_settings: GatewaySettings, *, out: OutOption,
+               gpus: GpusOption = 0, cpus: CpusOption = None, config: Path | None = None) -> None:
+    """Kubernetes manifests and kustomization.yaml: workers, gateway (Service, HPA, PDB), Redis, ConfigMaps."""
+    _deploy("k8s", fleet_settings, gateway_settings, config, out, gpus, cpus)
 
 
 instances_app = typer.Typer(help="Manage the instances of a running `embedfleet serve`.", no_args_is_help=True,

@@ -259,7 +259,10 @@ class GatewaySettings(Settings):
     table: ClassVar[str] = "gateway"
 
     upstream: list[str] = Field(default_factory=list, description="worker or TEI URL, repeated (NAME=URL forms "
-                                                                  "one pool per model)")
+                                "one pool per model); dns+http://NAME:PORT: every address NAME resolves to, "
+                                "followed as it changes")
+    upstream_dns_interval: float = Field(5.0, gt=0, description="seconds between look-ups of dns+http:// "
+                                                                "upstreams")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
     cache: str = Field(default_factory=default_cache_url, description="cache store: lmdb://PATH, "

@@ -224,6 +224,11 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def instance_options(spec: InstanceSpec) -> dict[str, Any]:
+    """The worker settings an instance sets itself (the rest are the worker's defaults)."""
+    return {k: v for k, v in spec.model_dump(include=set(WORKER_OPTIONS)).items() if v is not None}
+
+
 def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_dir: Path,
                    log_level: str, log_format: str = "text") -> list[str]:
     """The ``embedfleet worker`` command line of an instance: every worker setting as a flag (the worker's
@@ -231,7 +236,7 @@ def worker_command(spec: InstanceSpec, host: str, port: int, device: str, data_d
     assert spec.model is not None
     values = {name: field.get_default(call_default_factory=True)
               for name, field in WorkerSettings.model_fields.items()}
-    values.update({k: v for k, v in spec.model_dump(include=set(WORKER_OPTIONS)).items() if v is not None})
+    values.update(instance_options(spec))
     values.update(model=spec.model, served_model_name=spec.served_name, host=host, port=port, device=device,
                   exit_on_load_failure=True, log_level=log_level, log_format=log_format, data_dir=data_dir)
     return [sys.executable, "-m", "embedfleet.cli", "worker", "--config", os.devnull, *settings_flags(values)]

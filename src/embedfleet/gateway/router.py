@@ -9,7 +9,6 @@ lists the served models.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 
 from embedfleet.api import errors
@@ -58,13 +57,11 @@ class ModelRouter:
     async def leave(self, name: str, url: str, drain_timeout: float = 30.0) -> None:
         """Stop routing to ``url``; returns once its calls under way have finished (or the timeout)."""
         service = self.services.get(name)
-        upstream = service.pool.remove(url) if service is not None else None
-        if upstream is None:
+        if service is None:
             return
-        deadline = asyncio.get_running_loop().time() + drain_timeout
-        while upstream.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        await upstream.close()
+        upstream = service.pool.remove(url)
+        if upstream is not None:
+            await service.pool.drain(upstream, drain_timeout)
 
     async def suspend(self, name: str, url: str, reason: str) -> None:
         """Stop routing to ``url`` at once, its calls under way retried elsewhere, until it joins again."""

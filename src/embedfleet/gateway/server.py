@@ -20,20 +20,23 @@ from embedfleet.config import GatewaySettings
 from embedfleet.gateway.app import create_gateway_app
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import EmbeddingService
-from embedfleet.gateway.upstream import Pool
+from embedfleet.gateway.upstream import DNS_PREFIX, DnsName, Pool
 
 log = logging.getLogger("embedfleet.gateway")
 
 
 def parse_upstreams(specs: list[str]) -> dict[str, list[str]]:
-    """``URL`` or ``NAME=URL``, repeated: the URLs of each model pool (``default`` when unnamed)."""
+    """``URL`` or ``NAME=URL``, repeated: the URLs of each model pool (``default`` when unnamed). A URL is
+    ``http(s)://HOST:PORT``, or ``dns+http://NAME:PORT`` for every address NAME resolves to."""
     pools: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, url = spec.partition("=")
         if not sep or "://" in name:
             name, url = "default", spec
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"upstream {spec!r} is not an http(s) URL")
+        if url.startswith(DNS_PREFIX):
+            DnsName.parse(url)  # ValueError when malformed
+        elif not url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream {spec!r} is not an http(s):// or dns+http:// URL")
         pools.setdefault(name, []).append(url)
     return pools
 
@@ -64,7 +67,8 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
     store = open_store(settings.cache)
     cache = TieredCache(MemoryStore(settings.memory_cache_bytes), store, ttl=settings.cache_ttl,
                         read_timeout=settings.store_timeout)
-    pools = [Pool(name, urls, timeout=settings.upstream_timeout, health_interval=settings.health_interval)
+    pools = [Pool(name, urls, timeout=settings.upstream_timeout, health_interval=settings.health_interval,
+                  dns_interval=settings.upstream_dns_interval)
              for name, urls in parse_upstreams(settings.upstream).items()]
 
     def new_service(name: str) -> EmbeddingService:

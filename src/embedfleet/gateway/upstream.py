@@ -7,6 +7,9 @@ the fewest inputs in flight; a connection error, timeout or 5xx ejects the repli
 (passive) and the call is retried on another; an active check polls /health and re-admits
 replicas that answer 200. A replica that fails a check while calls wait on it (hung: a stopped
 process still accepts connections) has those calls cut, and they are retried on another at once.
+A ``dns+http://NAME:PORT`` upstream stands for every address NAME resolves to (a Kubernetes headless
+Service, a round-robin DNS record): the pool looks the name up again every ``dns_interval`` seconds,
+adds the addresses that appear and drains and drops those that disappear.
 A kept-alive connection that the replica dropped as the call went out is not a failure: the call
 goes once more to the same replica, on another connection. A 4xx is the client's error and is passed
 through as the error it reports.
@@ -15,11 +18,14 @@ through as the error it reports.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -171,6 +177,46 @@ def _upstream_error(reply: Reply) -> EngineError | EdgeError:
         suffix = f" (input {reply.input})"
         return EngineError(error.kind, error.detail.removesuffix(suffix), reply.input)
     return error
+
+
+DNS_PREFIX = "dns+"
+"""An upstream URL with this prefix (``dns+http://NAME:PORT``) names a DNS name that resolves to every replica."""
+
+
+@dataclass(frozen=True, slots=True)
+class DnsName:
+    """A ``dns+http://NAME[:PORT]`` upstream: one replica per address NAME resolves to."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> DnsName:
+        """From ``dns+http://NAME[:PORT]`` (port 80 by default); ValueError for anything else."""
+        parts = urlsplit(url)
+        if parts.scheme == "dns+https":
+            raise ValueError(f"upstream {url!r}: dns+https is not supported (replicas are called by address, "
+                             "which a certificate for the name does not cover); use dns+http inside the cluster")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = -1
+        if parts.scheme != "dns+http" or not parts.hostname or port < 1 or parts.username or parts.path.strip("/") \
+                or parts.query:
+            raise ValueError(f"upstream {url!r} is not dns+http://NAME[:PORT]")
+        return cls(parts.hostname, port)
+
+    def __str__(self) -> str:
+        return f"{DNS_PREFIX}http://{self.host}:{self.port}"
+
+    async def resolve(self) -> set[str]:
+        """The replica URLs, one per address the name resolves to now (OSError when the look-up fails)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        urls = set()
+        for *_, address in infos:
+            ip = ipaddress.ip_address(str(address[0]).partition("%")[0])
+            urls.add(f"http://{ip if ip.version == 4 else f'[{ip}]'}:{self.port}")
+        return urls
 
 
 class Upstream:
@@ -339,10 +385,15 @@ class Pool:
     """
 
     def __init__(self, name: str, urls: Sequence[str], timeout: float = 60.0, health_interval: float | None = 1.0,
-                 retries: int = 2) -> None:
+                 retries: int = 2, dns_interval: float = 5.0) -> None:
         self.name = name
         self.timeout = timeout
-        self.upstreams = [Upstream(u, timeout) for u in urls]
+        self.names = [DnsName.parse(u) for u in urls if u.startswith(DNS_PREFIX)]
+        """The DNS names whose addresses are members (see the module's docstring)."""
+        self.dns_interval = dns_interval
+        self._resolved: dict[DnsName, set[str]] = {}
+        self._discovered: set[str] = set()
+        self.upstreams = [Upstream(u, timeout) for u in urls if not u.startswith(DNS_PREFIX)]
         self.health_interval = health_interval
         self.retries = retries
         self.ejections = 0
@@ -352,6 +403,8 @@ class Pool:
         """The model the pool serves (None until a replica has answered /info)."""
         self._info: UpstreamInfo | None = None
         self._checker: asyncio.Task[None] | None = None
+        self._resolver: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
 
     @property
     def info(self) -> UpstreamInfo | None:
@@ -392,7 +445,11 @@ class Pool:
 
     async def start(self) -> None:
         """Check every replica once, then keep checking in the background (unless ``health_interval`` is
-        None: then whoever manages the members, the fleet's supervisor, checks them)."""
+        None: then whoever manages the members, the fleet's supervisor, checks them). DNS names are looked up
+        first, and again every ``dns_interval`` seconds."""
+        if self.names:
+            await self.discover()
+            self._resolver = asyncio.get_running_loop().create_task(self._resolve_loop(), name=f"dns-{self.name}")
         await asyncio.gather(*(u.refresh() for u in self.upstreams))
         fingerprints = {u.info.fingerprint for u in self.upstreams if u.info is not None}
         if len(fingerprints) > 1:
@@ -407,6 +464,48 @@ class Pool:
             await asyncio.sleep(interval)
             await asyncio.gather(*(u.refresh() for u in self.upstreams))
             self.settle()
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.dns_interval)
+            await self.discover()
+
+    async def discover(self) -> None:
+        """Look the DNS names up: add the replicas at new addresses (checked at once), drain and drop those at
+        addresses no name gives any more. A failed look-up keeps that name's replicas (a DNS outage is not
+        theirs; their health checks still eject the dead)."""
+        for name in self.names:
+            try:
+                self._resolved[name] = await name.resolve()
+            except OSError as exc:
+                log.warning("pool %r: cannot resolve %s (%s); keeping its %d replica(s)", self.name, name,
+                            describe(exc), len(self._resolved.get(name, ())))
+        wanted = set().union(*self._resolved.values())
+        static = {u.url for u in self.upstreams if u.url not in self._discovered}
+        gone = [u for u in self.upstreams if u.url in self._discovered - wanted - static]
+        new = [Upstream(url, self.timeout) for url in sorted(wanted - {u.url for u in self.upstreams})]
+        self._discovered = wanted
+        if not new and not gone:
+            return
+        await asyncio.gather(*(u.refresh() for u in new))
+        self.upstreams = [*(u for u in self.upstreams if u not in gone), *new]
+        for u in new:
+            log.info("upstream %s joined pool %r (DNS)", u.label, self.name)
+        for u in gone:
+            log.info("upstream %s left pool %r (no longer in DNS)", u.label, self.name)
+            task = asyncio.get_running_loop().create_task(self.drain(u))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        self.settle()
+
+    @staticmethod
+    async def drain(upstream: Upstream, timeout: float = 30.0) -> None:
+        """Wait for a removed replica's calls under way to finish (or ``timeout``), then close its client."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while upstream.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await upstream.close()
 
     def find(self, url: str) -> Upstream | None:
         """The member at this URL."""
@@ -511,7 +610,8 @@ class Pool:
 
     async def close(self) -> None:
         """Stop checking and close every client."""
-        if self._checker is not None:
-            self._checker.cancel()
-            await asyncio.gather(self._checker, return_exceptions=True)
+        tasks = [t for t in (self._checker, self._resolver, *self._draining) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(u.close() for u in self.upstreams))

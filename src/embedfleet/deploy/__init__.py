@@ -1,0 +1,1 @@
+"""``embedfleet deploy``: Compose, nginx and Kubernetes files generated from the config ``serve`` reads."""
