@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
 """The dtypes this backend runs, as OpenVINO's inference precision hints."""
 
-BATCH_TOKENS = {"float32": 2048, "bfloat16": 4096}
-"""Padded tokens per batch at which OpenVINO runs fastest on CPU, per precision (measured: the README's
-worker section); AMX bf16 kernels want larger tiles than fp32 ones."""
+BATCH_TOKENS = {"float32": 1024, "bfloat16": 2048}
+"""Padded tokens per batch at which OpenVINO runs fastest on CPU, per precision (all-MiniLM-L6-v2, 2 threads,
+AMX: bf16 peaks between 800 and 1,700 tokens a batch and is ~20% slower at 3,200 and beyond; fp32 is flat
+from 400 tokens on; the README's worker section)."""
 
 
 def available() -> bool:
