@@ -17,6 +17,7 @@ from embedfleet import __version__
 from embedfleet.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
+    BenchSettings,
     ConfigError,
     FleetSettings,
     GatewaySettings,
@@ -80,33 +81,37 @@ def _derived(fn: Callable[..., None], command: Callable[..., None], params: list
 
 def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str]],
                      ) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Make ``fn(settings, ...)`` a command whose options are the settings' fields (all but the config file's
-    own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings object
-    per class."""
+    """Make ``fn(settings, ..., *arguments)`` a command whose options are the settings' fields (all but the config
+    file's own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings
+    object per class, then its own (typer-annotated) parameters, such as an argument."""
     classes = [p if isinstance(p, tuple) else (p, [n for n in p.model_fields if n not in p.file_only])
                for p in parts]
     owner = {name: i for i, (_, names) in enumerate(classes) for name in names}
     if len(owner) < sum(len(names) for _, names in classes):
         raise TypeError("two settings classes give a command the same option")
-    params = [_option(cls, name, cls.env_name(name)) for cls, names in classes for name in names]
+    params = [_option(cls, name, cls.env_name(name), cls.flags.get(name)) for cls, names in classes for name in names]
+    flag_of = {name: cls.flags.get(name, name) for cls, names in classes for name in names}
     tables = " and ".join(f"[{cls.table}]" for cls, _ in classes) + (" tables" if len(classes) > 1 else " table")
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Path | None, typer.Option(help=f"TOML config file, its {tables} [env var: {CONFIG_ENV}; default: "
                                        f"./{DEFAULT_CONFIG_FILE} if present]", show_default=False)]))
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())[len(classes):]  # its arguments
+
         def command(**options: Any) -> None:
             config = options.pop("config")
+            arguments = {p.name: options.pop(p.name) for p in own}
             flags: list[dict[str, Any]] = [{} for _ in classes]
-            for name, value in options.items():
-                flags[owner[name]][name] = value
+            for name, flag in flag_of.items():
+                flags[owner[name]][name] = options[flag]
             try:
                 loaded = [cls.load(config, **given) for (cls, _), given in zip(classes, flags, strict=True)]
             except (ConfigError, ValidationError) as exc:
                 raise _fail(str(exc)) from None
-            fn(*loaded)
+            fn(*loaded, **arguments)
 
-        return _derived(fn, command, params)
+        return _derived(fn, command, [*own, *params])
 
     return wrap
 
@@ -181,6 +186,22 @@ def serve(fleet_settings: FleetSettings, gateway_settings: GatewaySettings) -> N
     try:
         code = run_serve(fleet_settings, gateway_settings)
     except (ConfigError, StateLockedError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+@settings_command(BenchSettings)
+def bench(settings: BenchSettings,
+          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
+                                             show_default=False)]) -> None:
+    """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
+    errors and cache hits."""
+    from embedfleet.bench.command import BenchError, run_bench
+
+    try:
+        code = run_bench(settings, url, out)
+    except BenchError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
 
