@@ -397,7 +397,7 @@ class BenchSettings(Settings):
     text_tokens: int = Field(16, ge=4, le=100_000, description="tokens of each generated text (without --texts)")
     hit_ratio: float | None = Field(None, ge=0, le=1, description="share of texts repeated from a hot set sent "
                                     "before the run (cache hits), the rest new (default: the texts in order)")
-    hot_texts: int = Field(1024, ge=1, description="texts in the hot set of --hit-ratio (at least --batch-size)")
+    hot_texts: int = Field(256, ge=1, description="texts in the hot set of --hit-ratio (at least --batch-size)")
     timeout: float = Field(60.0, gt=0, description="seconds a request may take before it counts as failed")
     json_file: Path | None = Field(None, description="write the results as JSON to this file")
     plot: Path | None = Field(None, description="write a PNG: latency histogram and throughput over time "

@@ -104,10 +104,10 @@ class Connection:
 
     async def request(self, raw: bytes) -> tuple[int, bytes, bytes]:
         """Send one pre-built request; its status, lower-cased head and body."""
-        if self.reader is None or self.writer is None:
-            await self.open()
-            assert self.reader is not None and self.writer is not None
         try:
+            if self.reader is None or self.writer is None:
+                await self.open()
+                assert self.reader is not None and self.writer is not None
             self.writer.write(raw)
             head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
             start = head.find(b"\r\ncontent-length:")

@@ -30,6 +30,8 @@ _COMMON_WORDS = (
     "early light paper system search model cache vector server request answer number point group family"
 )
 WORDS = _COMMON_WORDS.split()
+PRIMING_BATCH = 32
+"""Texts per request that fills the hot set: TEI's and embedfleet's default ``max_client_batch_size``."""
 
 
 class TextError(ValueError):
@@ -117,7 +119,7 @@ class TextMix:
     """
 
     def __init__(self, prepare: Callable[[Sequence[str]], Any], batch_size: int, *, texts: Sequence[str] | None = None,
-                 text_tokens: int = 16, hit_ratio: float | None = None, hot_count: int = 1024,
+                 text_tokens: int = 16, hit_ratio: float | None = None, hot_count: int = 256,
                  run_id: str | None = None) -> None:
         self.prepare = prepare
         self.batch_size = batch_size
@@ -146,8 +148,9 @@ class TextMix:
         return f"{self.file[i % len(self.file)]} ({self.run_id} {i})"  # the file is spent: made new
 
     def priming(self) -> list[Any]:
-        """Requests that send every hot text once (empty without a hit ratio)."""
-        b = self.batch_size
+        """Requests that send every hot text once (empty without a hit ratio), ``PRIMING_BATCH`` at a time
+        when the run's requests are smaller (a cache keeps each text on its own)."""
+        b = max(self.batch_size, PRIMING_BATCH)
         return [self.prepare(self.hot[i:i + b]) for i in range(0, len(self.hot), b)]
 
     def take(self) -> tuple[Any, int]:
