@@ -108,35 +108,66 @@ def test_mtls_target(worker: WorkerProcess, tmp_path: Path) -> None:
 
 
 class SlowServer(LoopbackServer):
-    """Answers one request at a time, each after ``delay`` seconds: a server of known, small capacity."""
+    """Answers one request at a time, each after ``delay`` seconds: a server of known, small capacity. The
+    answer is ``[[0.0]]``, with a length, or chunked (in two chunks)."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, chunked: bool = False) -> None:
         super().__init__()
         self.delay = delay
+        self.chunked = chunked
         self.lock = asyncio.Lock()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer ``[[0.0]]`` after the delay, behind every request that came before."""
+        """Answer after the delay, behind every request that came before."""
         while True:
             await self.read_body(reader)
             async with self.lock:
                 await asyncio.sleep(self.delay)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n[[0.0]]")
+            if self.chunked:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[[0\r\n4\r\n.0]]\r\n0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n[[0.0]]")
             await writer.drain()
 
 
 @pytest.fixture(scope="module")
-def slow_server() -> Iterator[str]:
-    """A :class:`SlowServer` (20 ms a request, so 50 requests/s at most) on its own event loop thread."""
+def server_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop on its own thread, for the loopback servers."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = SlowServer(0.02)
-    url = asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-    yield url
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+    yield loop
+
+    async def finish() -> None:  # the handlers still waiting close their connections
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.01)
+
+    asyncio.run_coroutine_threadsafe(finish(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    loop.close()
+
+
+def _serve(loop: asyncio.AbstractEventLoop, server: SlowServer) -> Iterator[str]:
+    yield asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+
+
+@pytest.fixture(scope="module")
+def slow_server(server_loop: asyncio.AbstractEventLoop) -> Iterator[str]:
+    """A :class:`SlowServer` of 20 ms a request, so 50 requests/s at most."""
+    yield from _serve(server_loop, SlowServer(0.02))
+
+
+def test_timeouts_and_chunked_answers(server_loop: asyncio.AbstractEventLoop, tmp_path: Path) -> None:
+    for url in _serve(server_loop, SlowServer(0.0, chunked=True)):
+        assert bench(tmp_path, url, "--num-texts", "20")["successful"] == 20
+    for url in _serve(server_loop, SlowServer(1.0)):
+        late = bench(tmp_path, url, "--num-texts", "4", "--timeout", "0.2", code=1)
+        assert late["errors"] == {"transport: timeout": 4} and late["total_duration_secs"] < 0.9
 
 
 def test_open_loop_latency_counts_the_queue(slow_server: str, tmp_path: Path) -> None:

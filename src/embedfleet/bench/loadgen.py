@@ -15,7 +15,7 @@ import asyncio
 import ssl
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
@@ -66,20 +66,112 @@ class Endpoint:
         return f"{self.scheme}://{self.authority}{self.prefix}"
 
 
+MAX_HEAD = 64 * 1024
+"""Bytes an answer's head may take (more: the answer is malformed)."""
+
+
+class _Answer(asyncio.Protocol):
+    """The protocol under a :class:`Connection`: collects bytes until one whole answer is in, then resolves the
+    waiting request's future. No stream objects, no coroutine per read: the cheapest way asyncio offers."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes, bytes]] | None = None
+        self.head: bytes | None = None
+        self.length = -1  # the body's length; -1: chunked
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("connection closed by the server")
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(LoadError(f"{type(self.lost).__name__}: {self.lost}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is not None and not self.waiter.done():
+            try:
+                self._parse(self.waiter)
+            except (ValueError, LoadError) as exc:
+                self.waiter.set_exception(exc if isinstance(exc, LoadError) else LoadError(f"bad answer: {exc}"))
+                if self.transport is not None:
+                    self.transport.abort()
+
+    def _parse(self, waiter: asyncio.Future[tuple[int, bytes, bytes]]) -> None:
+        buffer = self.buffer
+        if self.head is None:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    raise LoadError("answer head too long")
+                return
+            head = self.head = bytes(buffer[:end + 4]).lower()
+            del buffer[:end + 4]
+            start = head.find(b"\r\ncontent-length:")
+            if start >= 0:
+                start += len(b"\r\ncontent-length:")
+                self.length = int(head[start:head.index(b"\r", start)])
+            elif header_value(head, b"transfer-encoding") == "chunked":
+                self.length = -1
+            else:
+                raise LoadError("answer without content-length")
+        if self.length >= 0:
+            if len(buffer) < self.length:
+                return
+            body = bytes(buffer[:self.length])
+            del buffer[:self.length]
+        else:
+            chunked = _dechunk(buffer)
+            if chunked is None:
+                return
+            body, used = chunked
+            del buffer[:used]
+        head, self.head = self.head, None
+        waiter.set_result((int(head[9:12]), head, body))
+        if b"\r\nconnection: close" in head and self.transport is not None:
+            self.transport.close()
+
+
+def _dechunk(buffer: bytearray) -> tuple[bytes, int] | None:
+    """A whole chunked body at the start of ``buffer`` and the bytes it took (trailers included); None while
+    it is incomplete."""
+    parts: list[bytes] = []
+    at = 0
+    while True:
+        eol = buffer.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(bytes(buffer[at:eol]).split(b";", 1)[0], 16)
+        at = eol + 2
+        if size == 0:
+            end = buffer.find(b"\r\n", at)  # trailers end with an empty line
+            while end >= 0 and end != at:
+                at = end + 2
+                end = buffer.find(b"\r\n", at)
+            return None if end < 0 else (b"".join(parts), end + 2)
+        if len(buffer) < at + size + 2:
+            return None
+        parts.append(bytes(buffer[at:at + size]))
+        at += size + 2
+
+
 class Connection:
     """One keep-alive HTTP/1.1 connection of the load generator: pre-built requests out, answers in.
 
-    Deliberately lean (asyncio streams, no per-request objects beyond the answer's bytes). Answers carry
-    ``Content-Length`` (uvicorn's and axum's JSON answers do) or are chunked; an answer with
-    ``Connection: close`` closes the connection after it is read (the next request opens a new one).
+    Deliberately lean: an :class:`asyncio.Protocol` (no streams), one future per request, no other per-request
+    object beyond the answer's bytes. Answers carry ``Content-Length`` (uvicorn's and axum's JSON answers
+    do) or are chunked; an answer with ``Connection: close`` closes the connection after it is read (the next
+    request opens a new one). Requests on one connection go one at a time.
     """
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.protocol: _Answer | None = None
 
     @classmethod
     def to(cls, url: str, tls: ssl.SSLContext | None = None) -> Connection:
@@ -90,56 +182,48 @@ class Connection:
     async def open(self) -> None:
         """Connect (again)."""
         self.close()
+        loop = asyncio.get_running_loop()
         if self.tls is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            _, self.protocol = await loop.create_connection(_Answer, self.host, self.port)
         else:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls,
-                                                                     server_hostname=self.host)
+            _, self.protocol = await loop.create_connection(_Answer, self.host, self.port, ssl=self.tls,
+                                                            server_hostname=self.host)
 
     def close(self) -> None:
         """Drop the connection."""
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.close()
+        self.protocol = None
+
+    def abort(self) -> None:
+        """Drop the connection at once; a request waiting on it fails with LoadError."""
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.abort()
 
     async def request(self, raw: bytes) -> tuple[int, bytes, bytes]:
         """Send one pre-built request; its status, lower-cased head and body."""
+        protocol = self.protocol
         try:
-            if self.reader is None or self.writer is None:
+            if protocol is None or protocol.lost is not None:
                 await self.open()
-                assert self.reader is not None and self.writer is not None
-            self.writer.write(raw)
-            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
-            start = head.find(b"\r\ncontent-length:")
-            if start >= 0:
-                start += len(b"\r\ncontent-length:")
-                body = await self.reader.readexactly(int(head[start:head.index(b"\r", start)]))
-            elif header_value(head, b"transfer-encoding") == "chunked":
-                body = await self._chunked()
-            else:
-                raise LoadError("answer without content-length")
-            if b"\r\nconnection: close" in head:
-                self.close()
-            return int(head[9:12]), head, body
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                protocol = self.protocol
+                assert protocol is not None and protocol.transport is not None
+            waiter = protocol.waiter = asyncio.get_running_loop().create_future()
+            assert protocol.transport is not None
+            protocol.transport.write(raw)
+            answer: tuple[int, bytes, bytes] = await waiter
+        except (OSError, ssl.SSLError) as exc:
             self.close()
             raise LoadError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _chunked(self) -> bytes:
-        assert self.reader is not None
-        parts: list[bytes] = []
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-            if size == 0:
-                await self._trailers()
-                return b"".join(parts)
-            parts.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
-
-    async def _trailers(self) -> None:
-        assert self.reader is not None
-        while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
-            pass
+        except LoadError:
+            self.close()
+            raise
+        finally:
+            if protocol is not None:
+                protocol.waiter = None
+        if protocol.lost is not None:  # Connection: close
+            self.protocol = None
+        return answer
 
 
 def header_value(head: bytes, name: bytes) -> str | None:

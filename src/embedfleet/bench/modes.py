@@ -8,8 +8,8 @@ over another transport (gRPC, say) registers its own class with :func:`register`
 
 from __future__ import annotations
 
-import asyncio
 import ssl
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +43,11 @@ class Channel(Protocol):
 
     def close(self) -> None:
         """Drop the connection."""
+
+    def expire(self, now: float) -> None:
+        """Abort the request under way if it is past the target's timeout (``now``: ``time.perf_counter()``);
+        its :meth:`send` then raises LoadError("timeout"). Called by a watchdog, so that no request needs a
+        timer of its own."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,19 @@ def error_code(body: bytes) -> str | None:
     return None
 
 
+NO_CACHE = Reply(200, None, None, 0, 0)
+MAX_REPLY_FORMS = 4096
+
+
 class HttpChannel:
     """A :class:`~embedfleet.bench.loadgen.Connection` that reads the cache headers of each answer."""
 
     def __init__(self, target: Target) -> None:
         self.connection = Connection(target.endpoint.host, target.endpoint.port, target.tls)
         self.timeout = target.timeout
+        self.since = 0.0  # when the request under way was sent (0: none)
+        self.replies: dict[bytes, Reply] = {}
+        self.expired = False
 
     async def open(self) -> None:
         """Connect."""
@@ -119,24 +131,39 @@ class HttpChannel:
         except OSError as exc:
             raise LoadError(f"{type(exc).__name__}: {exc}") from exc
 
+    def expire(self, now: float) -> None:
+        """Abort an overdue request: its connection is dropped (an answer that comes later is never read as
+        the next request's)."""
+        if self.timeout is not None and self.since and now - self.since > self.timeout:
+            self.expired = True
+            self.connection.abort()
+
     async def send(self, request: bytes) -> Reply:
         """Send one pre-built HTTP request."""
-        if self.timeout is None:
+        self.since = time.perf_counter()
+        try:
             status, head, body = await self.connection.request(request)
-        else:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    status, head, body = await self.connection.request(request)
-            except TimeoutError:
-                self.connection.close()  # the answer may still come: never read it as the next one's
+        except LoadError:
+            if self.expired:
+                self.expired = False
                 raise LoadError("timeout") from None
-        cache = header_value(head, b"x-cache")
+            raise
+        finally:
+            self.since = 0.0
         if status != 200:
-            return Reply(status, error_code(body), cache, 0, 0)
-        if cache is None:
-            return Reply(status, None, None, 0, 0)
-        return Reply(status, None, cache, int(header_value(head, b"x-cache-hits") or 0),
-                     int(header_value(head, b"x-cache-misses") or 0))
+            return Reply(status, error_code(body), header_value(head, b"x-cache"), 0, 0)
+        at = head.find(b"\r\nx-cache")
+        if at < 0:
+            return NO_CACHE
+        # Answers repeat their cache headers (and what follows them): parse each form once.
+        tail = head[at:]
+        reply = self.replies.get(tail)
+        if reply is None:
+            reply = Reply(200, None, header_value(head, b"x-cache"), int(header_value(head, b"x-cache-hits") or 0),
+                          int(header_value(head, b"x-cache-misses") or 0))
+            if len(self.replies) < MAX_REPLY_FORMS:
+                self.replies[tail] = reply
+        return reply
 
     def close(self) -> None:
         """Drop the connection."""

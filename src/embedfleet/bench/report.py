@@ -33,6 +33,10 @@ def _rows(stats: RunStats) -> list[tuple[str, str]]:
     if ratio is not None:
         rows.append(("cache hit ratio (X-Cache)", f"{ratio:.3f}  ({stats.cache_hits:,} hits, "
                                                   f"{stats.cache_misses:,} misses)"))
+    busy = stats.client_busy()
+    if busy is not None:
+        rows.append(("client busy (one core)", f"{busy:.0%}" + ("  [red]the client was the limit[/]"
+                                                                  if busy >= 0.9 else "")))
     for key, count in stats.errors.most_common():
         rows.append((f"error {key}", f"{count:,}"))
     return rows

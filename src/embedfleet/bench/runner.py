@@ -21,6 +21,7 @@ from embedfleet.bench.stats import RunStats
 from embedfleet.bench.texts import TextMix
 
 PROGRESS_S = 0.25
+WATCHDOG_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ async def drive(channels: Sequence[Channel], mix: TextMix, shape: Shape, progres
     x_cache, errors = stats.x_cache, stats.errors
     total = shape.requests if shape.requests is not None else 1 << 62
     clock = time.perf_counter
+    cpu_before = time.process_time()
     start = clock()
     deadline = start + shape.duration if shape.duration is not None else float("inf")
     interval = 1.0 / shape.rate if shape.rate else 0.0
@@ -105,16 +107,28 @@ async def drive(channels: Sequence[Channel], mix: TextMix, shape: Shape, progres
             await asyncio.sleep(PROGRESS_S)
             progress(stats, clock() - start)
 
-    ticker = asyncio.create_task(report()) if progress is not None else None
+    tasks = [asyncio.create_task(watchdog(channels))]
+    if progress is not None:
+        tasks.append(asyncio.create_task(report()))
     try:
         await asyncio.gather(*(client(c) for c in channels))
     finally:
-        if ticker is not None:
-            ticker.cancel()
+        for task in tasks:
+            task.cancel()
     stats.duration_s = clock() - start
+    stats.client_cpu_s = time.process_time() - cpu_before
     if progress is not None:
         progress(stats, stats.duration_s)
     return stats
+
+
+async def watchdog(channels: Sequence[Channel]) -> None:
+    """Abort overdue requests, checking every ``WATCHDOG_S``: one timer for all, none per request."""
+    while True:
+        await asyncio.sleep(WATCHDOG_S)
+        now = time.perf_counter()
+        for channel in channels:
+            channel.expire(now)
 
 
 async def prime(channels: Sequence[Channel], requests: Sequence[object]) -> RunStats:
@@ -132,5 +146,9 @@ async def prime(channels: Sequence[Channel], requests: Sequence[object]) -> RunS
             if reply.status != 200:
                 stats.errors[f"{reply.status} {reply.code or ''}".strip()] += 1
 
-    await asyncio.gather(*(client(c) for c in channels))
+    guard = asyncio.create_task(watchdog(channels))
+    try:
+        await asyncio.gather(*(client(c) for c in channels))
+    finally:
+        guard.cancel()
     return stats

@@ -29,6 +29,11 @@ class RunStats:
     cache_misses: int = 0
     duration_s: float = 0.0
     rounds: int = 0
+    client_cpu_s: float = 0.0  # CPU time of this process during the run
+
+    def client_busy(self) -> float | None:
+        """The share of one core the load generator used: near 1, it measured itself, not the target."""
+        return self.client_cpu_s / self.duration_s if self.duration_s > 0 else None
 
     @property
     def successful(self) -> int:
@@ -71,7 +76,8 @@ class RunStats:
             self.finished_s + [t + self.duration_s for t in other.finished_s],
             self.texts + other.texts, self.errors + other.errors, self.failed_texts + other.failed_texts,
             self.x_cache + other.x_cache, self.cache_hits + other.cache_hits,
-            self.cache_misses + other.cache_misses, self.duration_s + other.duration_s, self.rounds + other.rounds)
+            self.cache_misses + other.cache_misses, self.duration_s + other.duration_s, self.rounds + other.rounds,
+            self.client_cpu_s + other.client_cpu_s)
 
     def timeline(self, bins: int = 50) -> tuple[np.ndarray, np.ndarray]:
         """Throughput over time: the start of each interval (s) and the embeddings/s completed in it."""
@@ -99,4 +105,5 @@ class RunStats:
             "cache_hit_ratio": None if ratio is None else round(ratio, 4),
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "rounds": self.rounds,
+            "client_busy": None if (busy := self.client_busy()) is None else round(busy, 3),
         }

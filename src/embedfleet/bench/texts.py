@@ -127,6 +127,8 @@ class TextMix:
         self.tokens = text_tokens
         self.run_id = run_id or secrets.token_hex(3)
         self.ratio = Fraction(hit_ratio).limit_denominator(1000) if hit_ratio is not None else None
+        # Integer arithmetic in take(): Fraction's would cost microseconds a request.
+        self._num, self._den = (self.ratio.numerator, self.ratio.denominator) if self.ratio is not None else (0, 1)
         hot_count = max(hot_count, batch_size)  # no text twice in one request
         if self.file is not None and self.ratio is not None:
             hot_count = min(hot_count, len(self.file))
@@ -167,8 +169,9 @@ class TextMix:
             if (built := self._built.get(key)) is None:
                 built = self._built[key] = self.prepare([self._fresh_text(k) for k in range(first, first + b)])
             return built, b
-        hot_before = int(first * ratio)
-        if int((first + b) * ratio) - hot_before == b:  # every slot hot: a request that repeats
+        num, den = self._num, self._den
+        hot_before = first * num // den
+        if (first + b) * num // den - hot_before == b:  # every slot hot: a request that repeats
             key = hot_before % len(self.hot)
             if (built := self._built.get(key)) is None:
                 built = self._built[key] = self.prepare([self.hot[(hot_before + j) % len(self.hot)]
@@ -176,8 +179,8 @@ class TextMix:
             return built, b
         texts = []
         for k in range(first, first + b):
-            hot = int(k * ratio)
-            if int((k + 1) * ratio) > hot:
+            hot = k * num // den
+            if (k + 1) * num // den > hot:
                 texts.append(self.hot[hot % len(self.hot)])
             else:
                 texts.append(self._fresh_text(k - hot))
