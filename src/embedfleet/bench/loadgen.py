@@ -91,6 +91,9 @@ class _Answer(asyncio.Protocol):
             self.waiter.set_exception(LoadError(f"{type(self.lost).__name__}: {self.lost}"))
 
     def data_received(self, data: bytes) -> None:
+        waiter = self.waiter
+        if not self.buffer and waiter is not None and not waiter.done() and self._whole(data, waiter):
+            return
         self.buffer += data
         if self.waiter is not None and not self.waiter.done():
             try:
@@ -99,6 +102,27 @@ class _Answer(asyncio.Protocol):
                 self.waiter.set_exception(exc if isinstance(exc, LoadError) else LoadError(f"bad answer: {exc}"))
                 if self.transport is not None:
                     self.transport.abort()
+
+    def _whole(self, data: bytes, waiter: asyncio.Future[tuple[int, bytes, bytes]]) -> bool:
+        """The usual case, without copies: ``data`` is exactly one answer with a length. False otherwise."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = data[:end + 4].lower()
+        start = head.find(b"\r\ncontent-length:")
+        if start < 0:
+            return False
+        start += len(b"\r\ncontent-length:")
+        try:
+            whole = int(head[start:head.index(b"\r", start)]) == len(data) - end - 4
+            status = int(head[9:12])
+        except ValueError:
+            return False  # the general path says what is wrong
+        if whole:
+            waiter.set_result((status, head, data[end + 4:]))
+            if b"\r\nconnection: close" in head and self.transport is not None:
+                self.transport.close()
+        return whole
 
     def _parse(self, waiter: asyncio.Future[tuple[int, bytes, bytes]]) -> None:
         buffer = self.buffer
