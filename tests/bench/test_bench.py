@@ -175,7 +175,7 @@ def test_open_loop_latency_counts_the_queue(slow_server: str, tmp_path: Path) ->
     assert under["successful"] == 10 and under["latency_ms"]["max"] < 100  # below capacity: the service time
     # 60 requests due at 100/s on a server that answers 50/s: the last is due at 0.59 s but answered at about
     # 1.2 s. Timed from its send by a client (a closed loop), no request would take much over 20 ms x 4.
-    over = bench(tmp_path, slow_server, "--rate", "100", "--num-texts", "60")
+    over = bench(tmp_path, slow_server, "--rate", "100", "--num-texts", "60", "--progress")  # the bar too
     assert over["successful"] == 60 and over["rate"] == 100
     assert over["latency_ms"]["max"] > 400 and over["latency_ms"]["p50"] > 150
     assert over["total_duration_secs"] > 1.0  # the server's capacity, not the schedule, set the pace
