@@ -56,13 +56,15 @@ def _help(model: type[BaseModel], name: str, flag: str, env: str | None) -> str:
     return " ".join([info.description or "", f"[{'; '.join(notes)}]" if notes else ""]).strip()
 
 
-def _option(model: type[BaseModel], name: str, env: str | None = None, alias: str | None = None) -> inspect.Parameter:
+def _option(model: type[BaseModel], name: str, env: str | None = None, alias: str | None = None,
+            flag: str | None = None) -> inspect.Parameter:
     """The typer option of a field: ``--name`` (``--name/--no-name`` for a boolean, repeated for a list),
-    or ``--alias``; its value None means "not given"."""
+    or ``--alias`` (also the parameter's name), or ``--flag`` (the parameter keeps the field's name); its value
+    None means "not given"."""
     value_type = without_none(model.model_fields[name].annotation)
     if get_origin(value_type) is Annotated:  # bounds: pydantic checks them
         value_type = get_args(value_type)[0]
-    flag = flag_name(alias or name)
+    flag = flag_name(flag or alias or name)
     decl = f"{flag}/--no-{flag[2:]}" if value_type is bool else flag
     items = get_args(value_type) if get_origin(value_type) is list else ()
     option = typer.Option(decl, help=_help(model, name, flag, env), show_default=False,
@@ -81,37 +83,37 @@ def _derived(fn: Callable[..., None], command: Callable[..., None], params: list
 
 def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str]],
                      ) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Make ``fn(settings, ..., *arguments)`` a command whose options are the settings' fields (all but the config
-    file's own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings
-    object per class, then its own (typer-annotated) parameters, such as an argument."""
+    """Make ``fn(settings, ...)`` a command whose options are the settings' fields (all but the config file's
+    own tables, or the names given with a class), plus ``--config``; ``fn`` gets one loaded settings object
+    per class, and its own keyword-only options (``config``, if it takes it, is the config file given)."""
     classes = [p if isinstance(p, tuple) else (p, [n for n in p.model_fields if n not in p.file_only])
                for p in parts]
     owner = {name: i for i, (_, names) in enumerate(classes) for name in names}
     if len(owner) < sum(len(names) for _, names in classes):
         raise TypeError("two settings classes give a command the same option")
-    params = [_option(cls, name, cls.env_name(name), cls.flags.get(name)) for cls, names in classes for name in names]
-    flag_of = {name: cls.flags.get(name, name) for cls, names in classes for name in names}
+    params = [_option(cls, name, cls.env_name(name), flag=cls.flags.get(name))
+              for cls, names in classes for name in names]
     tables = " and ".join(f"[{cls.table}]" for cls, _ in classes) + (" tables" if len(classes) > 1 else " table")
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Path | None, typer.Option(help=f"TOML config file, its {tables} [env var: {CONFIG_ENV}; default: "
                                        f"./{DEFAULT_CONFIG_FILE} if present]", show_default=False)]))
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
-        own = list(inspect.signature(fn, eval_str=True).parameters.values())[len(classes):]  # its arguments
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind == p.KEYWORD_ONLY]
 
         def command(**options: Any) -> None:
             config = options.pop("config")
-            arguments = {p.name: options.pop(p.name) for p in own}
+            extra = {p.name: config if p.name == "config" else options.pop(p.name) for p in own}
             flags: list[dict[str, Any]] = [{} for _ in classes]
-            for name, flag in flag_of.items():
-                flags[owner[name]][name] = options[flag]
+            for name, value in options.items():
+                flags[owner[name]][name] = value
             try:
                 loaded = [cls.load(config, **given) for (cls, _), given in zip(classes, flags, strict=True)]
             except (ConfigError, ValidationError) as exc:
                 raise _fail(str(exc)) from None
-            fn(*loaded, **arguments)
+            fn(*loaded, **extra)
 
-        return _derived(fn, command, [*own, *params])
+        return _derived(fn, command, [*params, *(p for p in own if p.name != "config")])
 
     return wrap
 
@@ -192,7 +194,7 @@ def serve(fleet_settings: FleetSettings, gateway_settings: GatewaySettings) -> N
 
 @app.command()
 @settings_command(BenchSettings)
-def bench(settings: BenchSettings,
+def bench(settings: BenchSettings, *,
           url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
                                              show_default=False)]) -> None:
     """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
