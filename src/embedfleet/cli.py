@@ -192,22 +192,6 @@ def serve(fleet_settings: FleetSettings, gateway_settings: GatewaySettings) -> N
     raise typer.Exit(code)
 
 
-@app.command()
-@settings_command(BenchSettings)
-def bench(settings: BenchSettings, *,
-          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
-                                             show_default=False)]) -> None:
-    """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
-    errors and cache hits."""
-    from embedfleet.bench.command import BenchError, run_bench
-
-    try:
-        code = run_bench(settings, url, out)
-    except BenchError as exc:
-        raise _fail(str(exc)) from None
-    raise typer.Exit(code)
-
-
 instances_app = typer.Typer(help="Manage the instances of a running `embedfleet serve`.", no_args_is_help=True,
                             rich_markup_mode=None)
 models_app = typer.Typer(help="Manage the models a running `embedfleet serve` knows.", no_args_is_help=True,
@@ -342,6 +326,22 @@ def models_download(model: str, url: UrlOption = DEFAULT_URL, admin_key: KeyOpti
 def models_verify(model: str, url: UrlOption = DEFAULT_URL, admin_key: KeyOption = None) -> None:
     """Load a model in a separate process, embed one text, and record what it is."""
     _show_models([_admin(url, admin_key, "POST", f"{_model_route(model)}/verify?wait=true", timeout=900)])
+
+
+@app.command()
+@settings_command(BenchSettings)
+def bench(settings: BenchSettings, *,
+          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
+                                             show_default=False)]) -> None:
+    """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
+    errors and cache hits."""
+    from embedfleet.bench.command import BenchError, run_bench
+
+    try:
+        code = run_bench(settings, url, out)
+    except BenchError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry point
