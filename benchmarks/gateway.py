@@ -5,7 +5,7 @@ processes (``--cache memory://``) on 127.0.0.1, and the reference proxy of ``ben
 The texts are the worker benchmark's deterministic short English-like sentences (~18 tokens); each text is
 used once per cache, so a "fresh" text has never been seen by any process.
 
-The load generator runs in this process: ``CLIENTS`` (8) keep-alive HTTP/1.1 connections (``loadgen.Connection``:
+The load generator runs in this process: ``CLIENTS`` (8) keep-alive HTTP/1.1 connections (``bench.loadgen.Connection``:
 asyncio streams writing pre-built requests and reading ``Content-Length`` bodies), on one event loop (uvloop
 when installed), share one list of pre-serialised requests; each connection sends the next request as soon
 as its last answer is back (a closed loop). Every server of a comparison (worker, gateway, reference proxy)
@@ -88,7 +88,6 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-from loadgen import Connection, LoadError, build_requests, header_value, run_async
 from rich.console import Console
 from rich.table import Table
 from worker import (
@@ -102,6 +101,8 @@ from worker import (
     publish,
     worker_process,
 )
+
+from embedfleet.bench.loadgen import Connection, LoadError, build_requests, header_value, run_async
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

@@ -3,7 +3,7 @@
 Every fleet is a real ``embedfleet serve`` (gateway + supervised workers, ``cache = "none"`` so every
 text is computed) on 127.0.0.1, all started before the first measurement and measured in alternating
 rounds (A B C, C B A, ...) with fresh texts each round, so a slow spell of the shared machine hits
-every fleet alike. The load generator is the worker benchmark's (``loadgen.Connection``): ``CLIENTS`` (8)
+every fleet alike. The load generator is the worker benchmark's (``bench.loadgen.Connection``): ``CLIENTS`` (8)
 keep-alive connections in this process, each posting the next batch of ``BATCH`` (32) texts when its
 last answer is back; answers are parsed after the timed pass. Each round also measures one client alone
 (one batch at a time, as an indexing script sends them): there the gateway spreads each batch over the

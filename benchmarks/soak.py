@@ -3,7 +3,7 @@
 A real ``embedfleet serve`` on 127.0.0.1 runs 2 replicas of the default model (one single-thread onnx
 worker per core, the CPU default) behind its gateway, with an LMDB cache and a small in-process tier
 (``MEMORY_CACHE_BYTES``), so the tier is full early on and later growth would be a leak, not the cache
-filling. ``CLIENTS`` keep-alive connections of the lean load generator (``loadgen.Connection``) send, at
+filling. ``CLIENTS`` keep-alive connections of the lean load generator (``bench.loadgen.Connection``) send, at
 ``--rate`` requests/s in all, a mix drawn with a fixed seed:
 
 - ``hit``: 8 texts of a warm set (cached before the timed run): 200;
@@ -45,10 +45,11 @@ from typing import Any
 
 import httpx
 import orjson
-from loadgen import Connection, LoadError, build_requests, run_async
 from rich.console import Console
 from rich.table import Table
 from worker import _exit_on_sigterm, free_port, make_texts, publish, serve_fleet
+
+from embedfleet.bench.loadgen import Connection, LoadError, build_requests, run_async
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT_S = 600.0

@@ -61,11 +61,11 @@ from typing import IO, Any, TypeVar
 import httpx
 import numpy as np
 import orjson
-from loadgen import Connection, build_requests, run_async
 from rich.console import Console
 from rich.table import Table
 
 from embedfleet import __version__
+from embedfleet.bench.loadgen import Connection, build_requests, run_async
 from embedfleet.config import default_data_dir
 from embedfleet.engine.backends import create_backend
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch

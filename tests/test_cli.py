@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from embedfleet import cli
 from embedfleet.cli import SERVE_GATEWAY_OPTIONS, app, settings_command
-from embedfleet.config import FleetSettings, GatewaySettings, Settings, WorkerSettings, flag_name
+from embedfleet.config import BenchSettings, FleetSettings, GatewaySettings, Settings, WorkerSettings, flag_name
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def _help(*command: str) -> str:
 def _flags(cls: type[Settings], names: list[str] | tuple[str, ...] | None = None) -> list[str]:
     flags = []
     for name in names or [n for n in cls.model_fields if n not in cls.file_only]:
-        flag = flag_name(name)
+        flag = flag_name(cls.flags.get(name, name))
         flags += [flag, f"--no-{flag[2:]}"] if cls.model_fields[name].annotation is bool else [flag]
     return flags
 
@@ -35,6 +35,7 @@ def _flags(cls: type[Settings], names: list[str] | tuple[str, ...] | None = None
     ("worker", [(WorkerSettings, None)]),
     ("gateway", [(GatewaySettings, None)]),
     ("serve", [(FleetSettings, None), (GatewaySettings, SERVE_GATEWAY_OPTIONS)]),
+    ("bench", [(BenchSettings, None)]),
 ])
 def test_help_at_80_columns_shows_every_option_whole(command: str, parts: list[Any]) -> None:
     text = _help(command)

@@ -17,6 +17,7 @@ from embedfleet import __version__
 from embedfleet.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
+    BenchSettings,
     ConfigError,
     FleetSettings,
     GatewaySettings,
@@ -55,13 +56,15 @@ def _help(model: type[BaseModel], name: str, flag: str, env: str | None) -> str:
     return " ".join([info.description or "", f"[{'; '.join(notes)}]" if notes else ""]).strip()
 
 
-def _option(model: type[BaseModel], name: str, env: str | None = None, alias: str | None = None) -> inspect.Parameter:
+def _option(model: type[BaseModel], name: str, env: str | None = None, alias: str | None = None,
+            flag: str | None = None) -> inspect.Parameter:
     """The typer option of a field: ``--name`` (``--name/--no-name`` for a boolean, repeated for a list),
-    or ``--alias``; its value None means "not given"."""
+    or ``--alias`` (also the parameter's name), or ``--flag`` (the parameter keeps the field's name); its value
+    None means "not given"."""
     value_type = without_none(model.model_fields[name].annotation)
     if get_origin(value_type) is Annotated:  # bounds: pydantic checks them
         value_type = get_args(value_type)[0]
-    flag = flag_name(alias or name)
+    flag = flag_name(flag or alias or name)
     decl = f"{flag}/--no-{flag[2:]}" if value_type is bool else flag
     items = get_args(value_type) if get_origin(value_type) is list else ()
     option = typer.Option(decl, help=_help(model, name, flag, env), show_default=False,
@@ -88,7 +91,8 @@ def settings_command(*parts: type[Settings] | tuple[type[Settings], Sequence[str
     owner = {name: i for i, (_, names) in enumerate(classes) for name in names}
     if len(owner) < sum(len(names) for _, names in classes):
         raise TypeError("two settings classes give a command the same option")
-    params = [_option(cls, name, cls.env_name(name)) for cls, names in classes for name in names]
+    params = [_option(cls, name, cls.env_name(name), flag=cls.flags.get(name))
+              for cls, names in classes for name in names]
     tables = " and ".join(f"[{cls.table}]" for cls, _ in classes) + (" tables" if len(classes) > 1 else " table")
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Path | None, typer.Option(help=f"TOML config file, its {tables} [env var: {CONFIG_ENV}; default: "
@@ -373,6 +377,22 @@ def models_download(model: str, url: UrlOption = DEFAULT_URL, admin_key: KeyOpti
 def models_verify(model: str, url: UrlOption = DEFAULT_URL, admin_key: KeyOption = None) -> None:
     """Load a model in a separate process, embed one text, and record what it is."""
     _show_models([_admin(url, admin_key, "POST", f"{_model_route(model)}/verify?wait=true", timeout=900)])
+
+
+@app.command()
+@settings_command(BenchSettings)
+def bench(settings: BenchSettings, *,
+          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
+                                             show_default=False)]) -> None:
+    """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
+    errors and cache hits."""
+    from embedfleet.bench.command import BenchError, run_bench
+
+    try:
+        code = run_bench(settings, url, out)
+    except BenchError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -6,8 +6,8 @@ validation and description, and everything else derives from it: the command's f
 (``--field-name``, see ``embedfleet.cli``), its environment variable (``EMBEDFLEET_<COMMAND>_FIELD_NAME``)
 and its key in the config file. Precedence: flags > environment > config file > defaults. The config
 file is TOML (``--config`` or ``EMBEDFLEET_CONFIG``, else ``./embedfleet.toml`` if present), with one
-table per command: ``[worker]``, ``[gateway]``, ``[fleet]`` (``embedfleet serve`` reads ``[fleet]`` and
-``[gateway]``).
+table per command: ``[worker]``, ``[gateway]``, ``[fleet]``, ``[bench]`` (``embedfleet serve`` reads
+``[fleet]`` and ``[gateway]``).
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     file_only: ClassVar[frozenset[str]] = frozenset()
     """Settings that are no flag (tables): the config file or the environment give them."""
     file_values: ClassVar[dict[str, Any]] = {}
+    flags: ClassVar[dict[str, str]] = {}
+    """Settings whose flag is not named after the field (a field cannot be called ``json``, say)."""
 
     @classmethod
     def settings_customise_sources(
@@ -367,4 +369,68 @@ class FleetSettings(Settings):
         low, high = self.ports
         if not 1 <= low <= high <= 65535:
             raise ValueError(f"port_range {self.port_range!r} must be LOW-HIGH within 1-65535")
+        return self
+
+
+def _bench_modes() -> dict[str, str]:
+    from embedfleet.bench.modes import MODES
+
+    return {name: mode.summary for name, mode in MODES.items()}
+
+
+class BenchSettings(Settings):
+    """Settings of the load tool (``embedfleet bench URL``); the URL is its argument."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_BENCH_")
+    table: ClassVar[str] = "bench"
+    flags: ClassVar[dict[str, str]] = {"json_file": "json"}
+
+    mode: str = Field("http", description="protocol: " + "; ".join(f"{k}: {v}" for k, v in _bench_modes().items()))
+    encoding: Literal["float", "base64"] = Field("float", description="encoding_format of --mode openai")
+    model: str | None = Field(None, description="model to ask for (OpenAI's `model`; X-Model in --mode http)")
+    api_key: str | None = Field(None, description="sent as Authorization: Bearer KEY")
+    cacert: Path | None = Field(None, description="PEM CA bundle to verify an https:// target with")
+    cert: Path | None = Field(None, description="PEM client certificate (mTLS; may hold the key too)")
+    key: Path | None = Field(None, description="PEM private key of --cert")
+    insecure: bool = Field(False, description="do not verify the target's TLS certificate")
+    concurrency: int = Field(8, ge=1, le=10_000, description="clients (keep-alive connections); with --rate, "
+                                                           "the most requests in flight")
+    batch_size: int = Field(1, ge=1, le=100_000, description="texts per request")
+    num_texts: int | None = Field(None, ge=1, description="texts to send (default: 10,000, or as many as "
+                                                          "--duration allows)")
+    duration: float | None = Field(None, gt=0, description="seconds to run (with --num-texts: whichever ends "
+                                                           "first)")
+    rate: float | None = Field(None, gt=0, description="requests/s on a fixed schedule (open loop; latency counts "
+                                                       "from the scheduled time); default: closed loop")
+    warmup: float = Field(1.0, ge=0, description="seconds of untimed load first (same shape and texts)")
+    texts: Path | None = Field(None, description="texts from a file: .jsonl, .csv, .parquet, else one per line")
+    column: str | None = Field(None, description="field or column of --texts that holds the text (default: text)")
+    text_tokens: int = Field(16, ge=4, le=100_000, description="tokens of each generated text (without --texts)")
+    hit_ratio: float | None = Field(None, ge=0, le=1, description="share of texts repeated from a hot set sent "
+                                    "before the run (cache hits), the rest new (default: the texts in order)")
+    hot_texts: int = Field(256, ge=1, description="texts in the hot set of --hit-ratio (at least --batch-size)")
+    timeout: float = Field(60.0, gt=0, description="seconds a request may take before it counts as failed")
+    json_file: Path | None = Field(None, description="write the results as JSON to this file")
+    plot: Path | None = Field(None, description="write a PNG: latency histogram and throughput over time "
+                                                "(matplotlib: embedfleet[bench])")
+    compare: str | None = Field(None, description="a second URL: the same load on both, in alternating rounds, "
+                                                  "with the ratios")
+    rounds: int = Field(3, ge=1, le=1000, description="rounds of each target with --compare")
+    progress: bool = Field(True, description="live progress bar")
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        modes = _bench_modes()
+        if value not in modes:
+            raise ValueError(f"unknown mode {value!r}: one of {', '.join(modes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.key is not None and self.cert is None:
+            raise ValueError("--key needs --cert")
+        for path in (self.cacert, self.cert, self.key, self.texts):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file {path} does not exist")
         return self
