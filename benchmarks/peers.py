@@ -222,7 +222,7 @@ def st_child(model_path: str, dtype: str, texts_by_set: dict[str, list[str]], ba
     import transformers
     from sentence_transformers import SentenceTransformer
 
-    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the report
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bar
     model = SentenceTransformer(model_path, device="cpu")
     if dtype == "bfloat16":
         model.to(torch.bfloat16)

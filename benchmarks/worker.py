@@ -836,7 +836,7 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
         cells = [doc["embeddings_per_s"][name].get(variant) for name in texts]
         values = ["-" if c is None else f"{c:,.1f}" for c in cells]
         rates.add_row(variant, DESCRIPTIONS.get(variant, ""), *values)
-    for variant in doc["skipped"]:
+    for variant in (v for v in doc["skipped"] if v not in variants):  # (a row that failed midway has its cells)
         rates.add_row(variant, DESCRIPTIONS.get(variant, ""), *["[yellow]skipped[/]"] * len(texts))
     console.print(rates)
 
