@@ -110,9 +110,9 @@ def ensure_infinity_venv(say: Any = print) -> Path | str:
             return versions
         return _versions_ok(versions) or command
     say(f"building the infinity-emb {INFINITY_VERSION} virtualenv in {venv} (once; a few minutes)")
-    venv.parent.mkdir(parents=True, exist_ok=True)
     build_log = venv.parent / f"infinity-{INFINITY_VERSION}-build.log"
     try:
+        venv.parent.mkdir(parents=True, exist_ok=True)
         with open(build_log, "w") as log, _pip_lock():
             if _run([_base_python(), "-m", "venv", "--clear", str(venv)], log).returncode != 0:
                 return f"could not create the infinity venv (see {build_log})"

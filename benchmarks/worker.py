@@ -539,7 +539,8 @@ def bench_st_peers(info: ModelInfo, sets: list[TextSet], results: Results, log: 
 
 
 def _measure_http_row(variant: str, url: str, pids: Callable[[], list[float | None]], sets: list[TextSet],
-                      results: Results, log: Console) -> None:
+                      results: Results, log: Console, started: float) -> None:
+    log.print(f"  {variant:<24} ready after {time.monotonic() - started:.0f} s")
     for s in sets:
         log.print(f"  {variant:<24} {s.name}")
         rate, vectors = http_rate([url], s.texts, api=OPENAI)
@@ -555,10 +556,11 @@ def bench_infinity(info: ModelInfo, sets: list[TextSet], results: Results, root:
             results.skip(variant, command, log)
             continue
         log.print(f"  {variant:<24} starting")
+        started = time.monotonic()
         try:
             with infinity_server(command, info.path, dtype, free_port(), root / f"{variant}.log") as server:
                 _measure_http_row(variant, server.url, lambda: tree_peak_rss_mb(server.proc.pid), sets, results,
-                                  log)
+                                  log, started)
         except (RuntimeError, TimeoutError, OSError, LoadError, KeyError, ValueError) as exc:
             results.skip(variant, _short_reason(exc), log)
 
@@ -578,6 +580,7 @@ def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Conso
     """The embedfleet rows of (f): workers with the flags of ``OUR_ROWS``, and the default fleet."""
     for variant, flags in OUR_ROWS:
         log.print(f"  {variant:<24} starting")
+        started = time.monotonic()
         try:
             if flags is None:
                 folder = root / variant
@@ -586,11 +589,11 @@ def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Conso
                 with serve_fleet(_default_fleet_config(folder), port, folder / "serve.log", "embedfleet serve",
                                  HEALTH_TIMEOUT_S) as proc:
                     _measure_http_row(variant, f"http://127.0.0.1:{port}", lambda: tree_peak_rss_mb(proc.pid),
-                                      sets, results, log)
+                                      sets, results, log, started)
             else:
                 with worker_process(flags) as worker:
                     _measure_http_row(variant, worker.url, lambda: tree_peak_rss_mb(worker.proc.pid), sets,
-                                      results, log)
+                                      results, log, started)
         except (RuntimeError, TimeoutError, OSError, LoadError, KeyError, ValueError) as exc:
             results.skip(variant, _short_reason(exc), log)
 
@@ -914,6 +917,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every measurement and report."""
     args = parse_args(argv)
+    run_started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything used here is local; never reach the network
     # SIGTERM unwinds like Ctrl-C, so the context managers stop the worker processes on the way out.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -962,6 +966,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     doc = build_document(args, sets, results, ratio_checks(results, sets, raw_key),
                          cosine_checks(results, sets, raw_key), "torch fp16" if cuda else "onnx fp32")
+    doc["wall_s"] = round(time.monotonic() - run_started, 1)
+    log.print(f"the run took {doc['wall_s']:.0f} s")
     print_report(doc, report)
     publish(doc, out, args.json, log)
     return 0
