@@ -10,7 +10,14 @@ What is measured, on the same deterministic synthetic English-like texts (2,000 
     posting batches of 32 to ``/embed`` from one shared work list;
 (d) two single-thread worker processes (``--threads 1``) with the same 8 clients split 4/4: this
     checks that two one-thread processes together beat one two-thread process;
-(e) extra: the torch backend in bf16, in process and as a worker (fast on CPUs with AMX).
+(e) extra: the torch backend in bf16, in process and as a worker (fast on CPUs with AMX);
+(f) peers side by side (issue 12), all through the OpenAI route ``/embeddings`` with the same 8 clients x
+    32 texts: sentence-transformers fp32 (the reference of every cosine) and bf16, each in a child process
+    of its own; infinity-emb 0.0.78 in fp32 and bf16 over HTTP, from a virtualenv of its own that
+    ``peers.py`` builds once outside the repository (or skips with the reason printed); embedfleet workers
+    with no backend/dtype flags (the default), ``--dtype float32``, ``--backend openvino --dtype bfloat16``
+    and ``--backend onnx``, and the ``embedfleet serve`` default fleet (cache off). A row that cannot start
+    (a flag this build does not know, say) is reported skipped with the reason; the others still run.
 
 Every measurement runs one untimed warm-up pass over its texts, then one timed pass
 (``time.perf_counter``); the vectors compared below come from the timed pass. The HTTP clients
@@ -26,11 +33,18 @@ How to read the ratios (targets in brackets, PASS/FAIL beside them; the exit cod
   what int8 quantization buys, and what it costs in accuracy.
 - ``2x1thread_http / worker_http`` [>= 1.0]: above 1.0, a fleet should run one single-thread
   worker per core rather than one worker with all cores.
+- (f), per length: ``ef_worker_default / best peer`` [>= 1.5 short, >= 1.1 long, at min cosine >= 0.9999
+  to ``st_fp32``], where the best peer is the faster of ``st_bf16`` and ``infinity_bf16`` in this run;
+  ``ef_worker_float32 / st_fp32`` [>= 1.15, at min cosine >= 0.99999]; ``ef_serve_default / best peer``
+  [>= 1.4 short]. The min and mean cosine of every row to ``st_fp32`` are reported per length.
 - Cosines are between unit vectors of the same texts: ``raw_onnx_fp32 vs st`` should be ~1.0
   (same model, other runtime); ``worker_http vs raw_onnx_fp32`` checks the worker's output.
 
 Peak memory is the RSS high-water mark: of this process after each in-process stage
-(``ru_maxrss``, so it only grows), and of each worker process (``VmHWM``) before it is stopped.
+(``ru_maxrss``, so it only grows), and of each worker process (``VmHWM``) before it is stopped; in (f),
+of each server's process tree (``VmHWM`` of each process: serve's supervisor, gateway and workers) and of
+each sentence-transformers child. ``--peers-only`` runs (f) alone (``--quick --peers-only``: a smoke test
+of a minute or two); the CPU's model and its AMX / AVX512-BF16 flags are recorded with the figures.
 
 ``--device cuda`` measures the torch backend in fp16 instead of onnx for (b) and (c) and skips
 int8, (d) and (e). The table goes to stdout, or to stderr with ``--json`` (the JSON document then
@@ -41,9 +55,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
+import importlib.metadata
+import multiprocessing
 import os
 import platform
 import resource
@@ -61,11 +78,12 @@ from typing import IO, Any, TypeVar
 import httpx
 import numpy as np
 import orjson
+from peers import INFINITY_VERSION, ensure_infinity_venv, infinity_server, proc_peak_rss_mb, st_child
 from rich.console import Console
 from rich.table import Table
 
 from embedfleet import __version__
-from embedfleet.bench.loadgen import Connection, build_requests, run_async
+from embedfleet.bench.loadgen import Connection, LoadError, build_requests, run_async
 from embedfleet.config import default_data_dir
 from embedfleet.engine.backends import create_backend
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
@@ -189,6 +207,12 @@ class Results:
     vectors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     in_process_rss_mb: dict[str, float] = field(default_factory=dict)
     worker_rss_mb: dict[str, list[float | None]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # variant: why it was not measured
+
+    def skip(self, variant: str, reason: str, log: Console) -> None:
+        """Record a variant that could not be measured, and say why."""
+        self.skipped[variant] = reason
+        log.print(f"  {variant:<24} [yellow]skipped[/]: {reason}")
 
     def add(self, variant: str, text_set: str, rate: float, vectors: np.ndarray) -> None:
         """Record one measurement and the unit vectors of its timed pass."""
@@ -325,14 +349,7 @@ class WorkerProcess:
 
     def peak_rss_mb(self) -> float | None:
         """The process's RSS high-water mark (``VmHWM``) in MiB; None where /proc is not available."""
-        try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
+        return proc_peak_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL if it does not stop in time."""
@@ -381,12 +398,44 @@ async def _http_pass(connections: list[Connection], requests: list[list[bytes]])
     return answers
 
 
-def http_rate(urls: Sequence[str], texts: list[str], clients: int = CLIENTS) -> tuple[float, np.ndarray]:
+def _tei_body(texts: list[str]) -> bytes:
+    return orjson.dumps({"inputs": texts, "truncate": True})
+
+
+def _tei_vectors(answer: bytes) -> np.ndarray:
+    return np.asarray(orjson.loads(answer), dtype=np.float32)
+
+
+def _openai_body(texts: list[str]) -> bytes:
+    return orjson.dumps({"input": texts, "model": "default", "encoding_format": "float"})
+
+
+def _openai_vectors(answer: bytes) -> np.ndarray:
+    data = sorted(orjson.loads(answer)["data"], key=lambda item: item["index"])
+    return np.asarray([item["embedding"] for item in data], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Api:
+    """How the load generator speaks to a server: the route, a request body of texts, the vectors of an answer."""
+
+    route: str
+    body: Callable[[list[str]], bytes]
+    vectors: Callable[[bytes], np.ndarray]
+
+
+TEI = Api("/embed", _tei_body, _tei_vectors)
+OPENAI = Api("/embeddings", _openai_body, _openai_vectors)  # served by embedfleet and infinity-emb alike
+
+
+def http_rate(urls: Sequence[str], texts: list[str], clients: int = CLIENTS, api: Api = TEI
+              ) -> tuple[float, np.ndarray]:
     """Embeddings/s of ``clients`` keep-alive connections (connection k talks to ``urls[k % len(urls)]``)
-    posting batches of ``BATCH`` to ``/embed``: one warm-up pass, then one timed pass. The answers of the
-    timed pass are parsed after it (the load generator shares the machine with the servers it measures)."""
-    bodies = [orjson.dumps({"inputs": texts[i:i + BATCH], "truncate": True}) for i in range(0, len(texts), BATCH)]
-    per_url = {url: build_requests(url, "/embed", bodies) for url in urls}
+    posting batches of ``BATCH`` to ``api``'s route (TEI's ``/embed`` by default): one warm-up pass, then
+    one timed pass. The answers of the timed pass are parsed after it (the load generator shares the
+    machine with the servers it measures)."""
+    bodies = [api.body(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
+    per_url = {url: build_requests(url, api.route, bodies) for url in urls}
 
     async def run() -> tuple[float, list[bytes]]:
         targets = [urls[k % len(urls)] for k in range(clients)]
@@ -402,7 +451,7 @@ def http_rate(urls: Sequence[str], texts: list[str], clients: int = CLIENTS) -> 
                 connection.close()
 
     rate, answers = run_async(run())
-    return rate, np.concatenate([np.asarray(orjson.loads(a), dtype=np.float32) for a in answers])
+    return rate, np.concatenate([api.vectors(a) for a in answers])
 
 
 def bench_workers(variant: str, worker_args: list[list[str]], sets: list[TextSet], results: Results,
@@ -416,6 +465,186 @@ def bench_workers(variant: str, worker_args: list[list[str]], sets: list[TextSet
             rate, vectors = http_rate([w.url for w in workers], s.texts)
             results.add(variant, s.name, rate, vectors)
         results.worker_rss_mb[variant] = [w.peak_rss_mb() for w in workers]
+
+
+# --- (f): peers side by side, through the OpenAI route -----------------------------------------------
+
+
+REFERENCE = "st_fp32"  # every side-by-side row's vectors are compared with this one's
+BEST_PEER = ("st_bf16", "infinity_bf16")  # the best peer configuration: the faster of these in the run
+# Our rows: worker flags (None: the embedfleet serve default fleet).
+OUR_ROWS: tuple[tuple[str, list[str] | None], ...] = (
+    ("ef_worker_default", []),
+    ("ef_worker_float32", ["--dtype", "float32"]),
+    ("ef_worker_openvino_bf16", ["--backend", "openvino", "--dtype", "bfloat16"]),
+    ("ef_worker_onnx", ["--backend", "onnx"]),
+    ("ef_serve_default", None),
+)
+PEER_VARIANTS = ("st_fp32", "st_bf16", "infinity_fp32", "infinity_bf16", *(name for name, _ in OUR_ROWS))
+DESCRIPTIONS.update({
+    "st_fp32": "peer: sentence-transformers fp32, in process, batch 32",
+    "st_bf16": "peer: sentence-transformers bf16, in process, batch 32",
+    "infinity_fp32": f"peer: infinity-emb {INFINITY_VERSION} --dtype float32, HTTP",
+    "infinity_bf16": f"peer: infinity-emb {INFINITY_VERSION} --dtype bfloat16, HTTP",
+    "ef_worker_default": "embedfleet worker, no backend/dtype flags, HTTP",
+    "ef_worker_float32": "embedfleet worker --dtype float32, HTTP",
+    "ef_worker_openvino_bf16": "embedfleet worker --backend openvino --dtype bfloat16, HTTP",
+    "ef_worker_onnx": "embedfleet worker --backend onnx, HTTP",
+    "ef_serve_default": "embedfleet serve, default fleet (cache none), HTTP",
+})
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line of an exception for the report: its message's first line and its output's last one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"[:400]
+
+
+def tree_peak_rss_mb(pid: int) -> list[float | None]:
+    """The RSS high-water marks (MiB) of ``pid`` and of its descendants, in that order."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # the fields after the command name, which is in parentheses and may hold spaces
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    order, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        order.append(current)
+        todo += sorted(children.get(current, []))
+    return [proc_peak_rss_mb(p) for p in order]
+
+
+def bench_st_peers(info: ModelInfo, sets: list[TextSet], results: Results, log: Console) -> None:
+    """sentence-transformers fp32 and bf16 at batch 32, each in a child process of its own (so each has a
+    peak RSS of its own, and neither inherits this process's heap)."""
+    texts = {s.name: s.texts for s in sets}
+    context = multiprocessing.get_context("spawn")
+    for variant, dtype in (("st_fp32", "float32"), ("st_bf16", "bfloat16")):
+        log.print(f"  {variant:<24} short and long, in a child process")
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                out = pool.submit(st_child, str(info.path), dtype, texts, BATCH).result()
+        except Exception as exc:  # whatever failed in the child (it may raise anything), the row is skipped
+            results.skip(variant, f"sentence-transformers {dtype} failed: {_short_reason(exc)}", log)
+            continue
+        for s in sets:
+            results.add(variant, s.name, out["rates"][s.name], out["vectors"][s.name])
+        results.worker_rss_mb[variant] = [out["peak_rss_mb"]]
+
+
+def _measure_http_row(variant: str, url: str, pids: Callable[[], list[float | None]], sets: list[TextSet],
+                      results: Results, log: Console, started: float) -> None:
+    log.print(f"  {variant:<24} ready after {time.monotonic() - started:.0f} s")
+    for s in sets:
+        log.print(f"  {variant:<24} {s.name}")
+        rate, vectors = http_rate([url], s.texts, api=OPENAI)
+        results.add(variant, s.name, rate, vectors)
+    results.worker_rss_mb[variant] = pids()
+
+
+def bench_infinity(info: ModelInfo, sets: list[TextSet], results: Results, root: Path, log: Console) -> None:
+    """infinity-emb over HTTP in fp32 and bf16, from its own virtualenv (built on first use)."""
+    command = ensure_infinity_venv(lambda line: log.print(f"  {line}"))
+    for variant, dtype in (("infinity_fp32", "float32"), ("infinity_bf16", "bfloat16")):
+        if isinstance(command, str):
+            results.skip(variant, command, log)
+            continue
+        log.print(f"  {variant:<24} starting")
+        started = time.monotonic()
+        try:
+            with infinity_server(command, info.path, dtype, free_port(), root / f"{variant}.log") as server:
+                _measure_http_row(variant, server.url, lambda: tree_peak_rss_mb(server.proc.pid), sets, results,
+                                  log, started)
+        except (RuntimeError, TimeoutError, OSError, LoadError, KeyError, ValueError) as exc:
+            results.skip(variant, _short_reason(exc), log)
+
+
+def _default_fleet_config(root: Path) -> Path:
+    """``embedfleet serve``'s defaults (no instances declared: the default model, its default workers),
+    with the cache off so that every text is computed, and its state in ``root``."""
+    low = 30000 + (free_port() % 300) * 64
+    path = root / "embedfleet.toml"
+    path.write_text("\n".join([
+        "[fleet]", f'state_dir = "{root / "state"}"', f'port_range = "{low}-{low + 63}"',
+        "[gateway]", 'cache = "none"', ""]))
+    return path
+
+
+def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Console) -> None:
+    """The embedfleet rows of (f): workers with the flags of ``OUR_ROWS``, and the default fleet."""
+    for variant, flags in OUR_ROWS:
+        log.print(f"  {variant:<24} starting")
+        started = time.monotonic()
+        try:
+            if flags is None:
+                folder = root / variant
+                folder.mkdir()
+                port = free_port()
+                with serve_fleet(_default_fleet_config(folder), port, folder / "serve.log", "embedfleet serve",
+                                 HEALTH_TIMEOUT_S) as proc:
+                    _measure_http_row(variant, f"http://127.0.0.1:{port}", lambda: tree_peak_rss_mb(proc.pid),
+                                      sets, results, log, started)
+            else:
+                with worker_process(flags) as worker:
+                    _measure_http_row(variant, worker.url, lambda: tree_peak_rss_mb(worker.proc.pid), sets,
+                                      results, log, started)
+        except (RuntimeError, TimeoutError, OSError, LoadError, KeyError, ValueError) as exc:
+            results.skip(variant, _short_reason(exc), log)
+
+
+def bench_side_by_side(info: ModelInfo, sets: list[TextSet], results: Results, skip_infinity: bool,
+                       log: Console) -> None:
+    """(f): the peers and our rows, same texts, same load (``CLIENTS`` clients x ``BATCH`` texts)."""
+    bench_st_peers(info, sets, results, log)
+    with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
+        root = Path(tmp)
+        if skip_infinity:
+            for variant in ("infinity_fp32", "infinity_bf16"):
+                results.skip(variant, "--skip-infinity", log)
+        else:
+            bench_infinity(info, sets, results, root, log)
+        bench_our_rows(sets, results, root, log)
+
+
+def side_by_side_checks(results: Results, sets: list[TextSet]) -> tuple[list[Check], list[Check]]:
+    """(f)'s ratios and cosines, with the issue's targets: the default worker against the best peer, the
+    float32 worker against sentence-transformers fp32, the default fleet against the best peer."""
+    r, v = results.rates, results.vectors
+    ratios: list[Check] = []
+    cosines: list[Check] = []
+    for s in sets:
+        peers = [p for p in BEST_PEER if s.name in r.get(p, {})]
+        if peers:
+            best = max(peers, key=lambda p: r[p][s.name])
+            wanted: list[tuple[str, float | None]] = [
+                ("ef_worker_default", 1.5 if s.name == "short" else 1.1),
+                ("ef_serve_default", 1.4 if s.name == "short" else None),
+                ("ef_worker_openvino_bf16", None),
+                ("ef_worker_onnx", None),
+            ]
+            ratios += [Check(f"{s.name}: {num} / best peer ({best})", r[num][s.name] / r[best][s.name], target)
+                       for num, target in wanted if s.name in r.get(num, {})]
+        for num, den, target in (("ef_worker_float32", "st_fp32", 1.15), ("infinity_bf16", "st_bf16", None),
+                                 ("infinity_fp32", "st_fp32", None)):
+            if s.name in r.get(num, {}) and s.name in r.get(den, {}):
+                ratios.append(Check(f"{s.name}: {num} / {den}", r[num][s.name] / r[den][s.name], target))
+        if s.name not in v.get(REFERENCE, {}):
+            continue
+        reference = v[REFERENCE][s.name]
+        min_targets = {"ef_worker_default": 0.9999, "ef_worker_float32": 0.99999}
+        for variant in PEER_VARIANTS:
+            if variant == REFERENCE or s.name not in v.get(variant, {}):
+                continue
+            c = (v[variant][s.name] * reference).sum(axis=1)
+            cosines += [Check(f"{s.name}: {variant} vs {REFERENCE}: min", float(c.min()), min_targets.get(variant)),
+                        Check(f"{s.name}: {variant} vs {REFERENCE}: mean", float(c.mean()))]
+    return ratios, cosines
 
 
 # --- ratios, cosines and the report ------------------------------------------------------------------
@@ -476,26 +705,51 @@ def cosine_checks(results: Results, sets: list[TextSet], raw_key: str) -> list[C
     return checks
 
 
+CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx512_vnni")
+
+
+def cpu_model_and_flags() -> tuple[str | None, dict[str, bool]]:
+    """The CPU's model name (as ``lscpu`` prints it) and whether it has the flags that decide the precision
+    (AMX, AVX512-BF16)."""
+    cpu_model = platform.processor() or None
+    flags: set[str] = set()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True,
+                               env={**os.environ, "LC_ALL": "C"}).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                cpu_model = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu_model is None:
+                cpu_model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return cpu_model, {flag: flag in flags for flag in CPU_FLAGS}
+
+
 def machine_facts(device: str, with_st: bool) -> dict[str, Any]:
     """CPU, platform and library versions."""
     import onnxruntime
     import torch
 
-    cpu_model = platform.processor() or None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+    cpu_model, cpu_flags = cpu_model_and_flags()
     facts: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": cpu_model,
+        "cpu_flags": cpu_flags,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "embedfleet": __version__,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": _version_of("openvino"),
+        "infinity_emb": INFINITY_VERSION,
         "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
     }
@@ -506,9 +760,16 @@ def machine_facts(device: str, with_st: bool) -> dict[str, Any]:
     return facts
 
 
+def _version_of(package: str) -> str | None:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(package)
+    return None
+
+
 def build_document(args: argparse.Namespace, sets: list[TextSet], results: Results, ratios: list[Check],
                    cosines: list[Check], worker_backend: str) -> dict[str, Any]:
     """The JSON document."""
+    side_ratios, side_cosines = side_by_side_checks(results, sets)
     return {
         "benchmark": "worker",
         "quick": args.quick,
@@ -521,6 +782,15 @@ def build_document(args: argparse.Namespace, sets: list[TextSet], results: Resul
                                       for variant, by_set in results.rates.items()} for s in sets},
         "ratios": [c.as_json() for c in ratios],
         "cosine": [c.as_json() for c in cosines],
+        "side_by_side": {
+            "variants": [v for v in PEER_VARIANTS if v in results.rates or v in results.skipped],
+            "reference": REFERENCE,
+            "best_peer_of": list(BEST_PEER),
+            "http_route": OPENAI.route,
+            "ratios": [c.as_json() for c in side_ratios],
+            "cosine": [c.as_json() for c in side_cosines],
+        },
+        "skipped": dict(results.skipped),
         "peak_rss_mb": {
             "in_process": {k: round(v, 1) for k, v in results.in_process_rss_mb.items()},
             "workers": {k: [None if x is None else round(x, 1) for x in v]
@@ -552,7 +822,9 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
     device = f"{m['device']} ({m['gpu']})" if m["gpu"] else m["device"]
     console.print(f"[bold]embedfleet worker benchmark[/]{' (quick run)' if doc['quick'] else ''} on "
                   f"{m['cpu_model']} ({m['cpus_usable']} CPUs usable), device {device}; torch {m['torch']}, "
-                  f"onnxruntime {m['onnxruntime']}")
+                  f"onnxruntime {m['onnxruntime']}, openvino {m['openvino']}")
+    flags = ", ".join(f"{flag} {'yes' if has else 'no'}" for flag, has in m["cpu_flags"].items())
+    console.print(f"  CPU flags: {flags}")
     for name, t in texts.items():
         console.print(f"  {name} texts: {t['count']}, tokens per text mean {t['mean_tokens']:.1f} "
                       f"(min {t['min_tokens']}, max {t['max_tokens']})")
@@ -567,10 +839,28 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
         cells = [doc["embeddings_per_s"][name].get(variant) for name in texts]
         values = ["-" if c is None else f"{c:,.1f}" for c in cells]
         rates.add_row(variant, DESCRIPTIONS.get(variant, ""), *values)
+    for variant in (v for v in doc["skipped"] if v not in variants):  # (a row that failed midway has its cells)
+        rates.add_row(variant, DESCRIPTIONS.get(variant, ""), *["[yellow]skipped[/]"] * len(texts))
     console.print(rates)
 
-    console.print(_check_table("ratios (throughput)", "ratio", doc["ratios"], "{:.2f}x"))
-    console.print(_check_table("cosine similarity (short + long texts)", "pair", doc["cosine"], "{:.5f}"))
+    if doc["ratios"]:
+        console.print(_check_table("ratios (throughput)", "ratio", doc["ratios"], "{:.2f}x"))
+    if doc["cosine"]:
+        console.print(_check_table("cosine similarity (short + long texts)", "pair", doc["cosine"], "{:.5f}"))
+    side = doc["side_by_side"]
+    if side["ratios"]:
+        console.print(_check_table(f"(f) side by side: ratios (best peer: the faster of {' and '.join(BEST_PEER)})",
+                                   "ratio", side["ratios"], "{:.2f}x"))
+    if side["cosine"]:
+        console.print(_check_table(f"(f) side by side: cosine to {side['reference']}, per length", "pair",
+                                   side["cosine"], "{:.6f}"))
+    if doc["skipped"]:
+        skipped = Table(title="skipped (not measured)")
+        skipped.add_column("variant")
+        skipped.add_column("why")
+        for variant, reason in doc["skipped"].items():
+            skipped.add_row(variant, reason)
+        console.print(skipped)
 
     memory = Table(title="peak RSS (MiB)")
     memory.add_column("process")
@@ -579,7 +869,7 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
         memory.add_row(f"this process, {stage}", f"{mb:,.0f}")
     for variant, mbs in doc["peak_rss_mb"]["workers"].items():
         each = " + ".join("?" if x is None else f"{x:,.0f}" for x in mbs)
-        memory.add_row(f"worker process(es) of {variant}", each)
+        memory.add_row(f"process(es) of {variant}", each)
     console.print(memory)
 
 
@@ -606,12 +896,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="200 short and 50 long texts (a smoke test)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: torch fp16 instead of onnx, no int8 and no single-thread workers")
-    parser.add_argument("--skip-st", action="store_true", help="do not measure sentence-transformers")
+    parser.add_argument("--skip-st", action="store_true", help="do not measure sentence-transformers in (a)")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only (f): the peers and embedfleet's rows side by side, over the OpenAI route")
+    parser.add_argument("--skip-peers", action="store_true", help="do not run (f)")
+    parser.add_argument("--skip-infinity", action="store_true",
+                        help="in (f), do not build or run infinity-emb (its rows are reported skipped)")
     parser.add_argument("--json", action="store_true",
                         help="print the JSON document to stdout (the tables go to stderr)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the JSON document (default: benchmarks/results/worker.json, "
-                             "or worker-quick.json with --quick)")
+                        help="where to write the JSON document (default: benchmarks/results/worker.json; "
+                             "worker-peers.json with --peers-only; -quick before .json with --quick)")
     return parser.parse_args(argv)
 
 
@@ -622,10 +917,16 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every measurement and report."""
     args = parse_args(argv)
+    run_started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything used here is local; never reach the network
     # SIGTERM unwinds like Ctrl-C, so the context managers stop the worker processes on the way out.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    out: Path = args.out or RESULTS_DIR / ("worker-quick.json" if args.quick else "worker.json")
+    if args.peers_only and (args.skip_peers or args.device == "cuda"):
+        log_error = Console(stderr=True)
+        log_error.print("[red]--peers-only runs (f), which is CPU only: not with --skip-peers or --device cuda[/]")
+        return 2
+    stem = "worker-peers" if args.peers_only else "worker"
+    out: Path = args.out or RESULTS_DIR / f"{stem}{'-quick' if args.quick else ''}.json"
     log = Console(stderr=True)
     report = Console(stderr=args.json)
     if args.device == "cuda":
@@ -645,22 +946,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker_backend = ["--device", "cuda", "--backend", "torch", "--dtype", "float16"] if cuda else \
         ["--device", "cpu", "--backend", "onnx"]
 
-    if not args.skip_st:
-        log.print("[bold](a)[/] sentence-transformers in process")
-        bench_sentence_transformers(info, args.device, sets, results, log)
-    log.print("[bold](b)[/] raw backends in process")
-    bench_raw_backends(info, tok, args.device, sets, results, log)
-    log.print("[bold](c)[/] one worker over HTTP")
-    bench_workers("worker_http", [worker_backend], sets, results, log)
-    if not cuda:
-        log.print("[bold](d)[/] two single-thread workers over HTTP")
-        bench_workers("2x1thread_http", [[*worker_backend, "--threads", "1"]] * 2, sets, results, log)
-        log.print("[bold](e)[/] one torch bf16 worker over HTTP")
-        bf16 = ["--device", "cpu", "--backend", "torch", "--dtype", "bfloat16"]
-        bench_workers("worker_http_torch_bf16", [bf16], sets, results, log)
+    if not args.peers_only:
+        if not args.skip_st:
+            log.print("[bold](a)[/] sentence-transformers in process")
+            bench_sentence_transformers(info, args.device, sets, results, log)
+        log.print("[bold](b)[/] raw backends in process")
+        bench_raw_backends(info, tok, args.device, sets, results, log)
+        log.print("[bold](c)[/] one worker over HTTP")
+        bench_workers("worker_http", [worker_backend], sets, results, log)
+        if not cuda:
+            log.print("[bold](d)[/] two single-thread workers over HTTP")
+            bench_workers("2x1thread_http", [[*worker_backend, "--threads", "1"]] * 2, sets, results, log)
+            log.print("[bold](e)[/] one torch bf16 worker over HTTP")
+            bf16 = ["--device", "cpu", "--backend", "torch", "--dtype", "bfloat16"]
+            bench_workers("worker_http_torch_bf16", [bf16], sets, results, log)
+    if not cuda and not args.skip_peers:
+        log.print(f"[bold](f)[/] peers side by side ({CLIENTS} clients x {BATCH} texts, {OPENAI.route})")
+        bench_side_by_side(info, sets, results, args.skip_infinity, log)
 
     doc = build_document(args, sets, results, ratio_checks(results, sets, raw_key),
                          cosine_checks(results, sets, raw_key), "torch fp16" if cuda else "onnx fp32")
+    doc["wall_s"] = round(time.monotonic() - run_started, 1)
+    log.print(f"the run took {doc['wall_s']:.0f} s")
     print_report(doc, report)
     publish(doc, out, args.json, log)
     return 0
