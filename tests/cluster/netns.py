@@ -34,7 +34,10 @@ STOP_TIMEOUT_S = 15.0
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
 
 
 def netns_unavailable() -> str | None:
@@ -127,16 +130,16 @@ class Cluster:
         br = self.bridge_ns
         _ip("netns", "add", br)
         _ip("-n", br, "link", "set", "lo", "up")
-        _ip("-n", br, "link", "add", "br0", "type", "bridge")
+        _ip("-n", br, "link", "add", "name", "br0", "type", "bridge")
         _ip("-n", br, "link", "set", "br0", "up")
         for host in self.hosts:
             ns = self.ns(host)
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
             # Made inside the bridge's namespace with its peer inside the host's: never in the root one.
-            _ip("-n", br, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", br, "link", "set", host, "master", "br0")
-            _ip("-n", br, "link", "set", host, "up")
+            _ip("-n", br, "link", "add", "name", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", br, "link", "set", "dev", host, "master", "br0")
+            _ip("-n", br, "link", "set", "dev", host, "up")
             _ip("-n", ns, "addr", "add", f"{self.ip(host)}/{PREFIX_LEN}", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
         return self
@@ -151,11 +154,11 @@ class Cluster:
     def cut(self, host: str) -> None:
         """Pull the host's cable: its bridge port goes down; packets to and from it are dropped (peers'
         connections hang, they are not refused)."""
-        _ip("-n", self.bridge_ns, "link", "set", host, "down")
+        _ip("-n", self.bridge_ns, "link", "set", "dev", host, "down")
 
     def plug(self, host: str) -> None:
         """Put the host's cable back."""
-        _ip("-n", self.bridge_ns, "link", "set", host, "up")
+        _ip("-n", self.bridge_ns, "link", "set", "dev", host, "up")
 
     def spawn(self, name: str, host: str, cmd: list[str], url: str = "", **popen: Any) -> Proc:
         """Start ``cmd`` in the host's namespace, its output to ``workdir/name.log``."""

@@ -289,8 +289,12 @@ class Upstream:
         if alive != self.alive:
             log.info("upstream %s is %s", self.label, "up" if alive else "down")
         self.alive = alive
-        if not alive and self.calls:
-            await self._cut_calls()
+        if not alive:
+            # Out of the pool now, not when the pool next settles: a call routed here while the calls under
+            # way are cut would open a new connection to the dead replica and wait for the next check.
+            self.healthy = False
+            if self.calls:
+                await self._cut_calls()
         return alive
 
     async def _cut_calls(self) -> None:
