@@ -207,17 +207,65 @@ def measure_mget(url: str, rounds: int = 2000) -> dict[str, Any]:
     for size in (1, 8, 32):
         client.config_resetstat()
         samples = []
+        cpu = redis_cpu(client)
         for i in range(rounds):
             start = time.perf_counter()
             client.mget(keys[i % 32: i % 32 + size])
             samples.append(time.perf_counter() - start)
+        cpu = redis_cpu(client) - cpu
         samples.sort()
         stats = client.info("commandstats").get("cmdstat_mget", {})
         out[f"mget_{size}"] = {"p50_us": round(statistics.median(samples) * 1e6, 1),
                                "p99_us": round(samples[int(len(samples) * 0.99)] * 1e6, 1),
-                               "redis_usec_per_call": float(stats.get("usec_per_call", 0.0))}
+                               "redis_usec_per_call": float(stats.get("usec_per_call", 0.0)),
+                               "redis_process_cpu_us_per_call": round(cpu / rounds * 1e6, 1)}
     client.delete(*keys)
+    out["leases_8"] = measure_leases(url, client, rounds // 4)
     return out
+
+
+def redis_cpu(client: Any) -> float:
+    """Redis's own CPU seconds so far (INFO cpu: its command execution, I/O and event loop)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def measure_leases(url: str, client: Any, rounds: int) -> dict[str, Any]:
+    """The miss path's Redis work for a request of 8 new texts, through embedfleet's own RedisLeases: one
+    claim (EVALSHA), one publish (the values, then EVAL to drop the leases), serially: round trips and
+    Redis's CPU per call."""
+    import asyncio
+
+    from embedfleet.cache.redis_store import RedisStore
+
+    async def run() -> tuple[list[float], list[float]]:
+        store = RedisStore(url, namespace="efbench:")
+        claims, publishes = [], []
+        try:
+            for i in range(rounds):
+                keys = [f"{i}:{j}".encode() for j in range(8)]
+                start = time.perf_counter()
+                await store.leases.claim(keys, 2.0)
+                claims.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                await store.leases.publish([(k, os.urandom(VALUE_BYTES)) for k in keys], None, keys)
+                publishes.append(time.perf_counter() - start)
+            await store.delete()
+        finally:
+            await store.close()
+        return claims, publishes
+
+    client.config_resetstat()
+    cpu = redis_cpu(client)
+    claims, publishes = asyncio.run(run())
+    cpu = redis_cpu(client) - cpu
+    stats = client.info("commandstats")
+    return {"claim_p50_us": round(statistics.median(claims) * 1e6, 1),
+            "publish_p50_us": round(statistics.median(publishes) * 1e6, 1),
+            "redis_usec_per_claim": float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0)),
+            "redis_usec_per_publish": round(sum(float(stats.get(f"cmdstat_{c}", {}).get("usec", 0.0))
+                                                for c in ("mset", "eval")) / max(1, len(publishes)), 2),
+            "redis_process_cpu_us_per_miss_request": round(cpu / max(1, len(claims)) * 1e6, 1)}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -235,8 +283,15 @@ def table(result: dict[str, Any]) -> str:
     ]
     for size in (1, 8, 32):
         row = m[f"mget_{size}"]
-        rows.append((f"Redis MGET {size} keys: p50 / p99 round trip (us), Redis CPU/call (us)",
-                     f"{row['p50_us']} / {row['p99_us']}, {row['redis_usec_per_call']}"))
+        rows.append((f"Redis MGET {size} keys: p50 / p99 round trip, Redis CPU/call: command / process (us)",
+                     f"{row['p50_us']} / {row['p99_us']}, {row['redis_usec_per_call']} / "
+                     f"{row['redis_process_cpu_us_per_call']}"))
+    lease = m["leases_8"]
+    rows.append(("8-text miss: lease claim / publish round trip p50 (us)",
+                 f"{lease['claim_p50_us']} / {lease['publish_p50_us']}"))
+    rows.append(("8-text miss: Redis CPU per claim / publish (us), process per miss request",
+                 f"{lease['redis_usec_per_claim']} / {lease['redis_usec_per_publish']}, "
+                 f"{lease['redis_process_cpu_us_per_miss_request']}"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
