@@ -1,7 +1,8 @@
 """The gateway's embedding path: dedupe, one cache lookup, single-flight, split, merge.
 
 For one request: identical texts are computed once; every key is looked up in one round trip per
-tier; a key that another request is already computing is awaited, not computed again; the rest is
+tier; a key that another request is already computing is awaited, not computed again (in this process,
+and through the cache's leases in other gateways sharing its store); the rest is
 split into sub-batches that fit the upstreams' ``max_client_batch_size`` and (estimated) token
 budget, sent to replicas in parallel, and merged back in input order. All or nothing: a request
 gets every vector or an error.
