@@ -63,7 +63,7 @@ class Hosts:
         cache: str = answer["headers"]["x-cache"]
         return cache
 
-    def load(self, prefix: str, duration: float = 120.0, **options: int) -> Load:
+    def load(self, prefix: str, duration: float = 300.0, **options: int) -> Load:
         """Start bounded load over both gateways (new texts unless ``repeat``)."""
         args = [f"--gateway={g.url}" for g in self.gateways]
         args += ["--concurrency", str(CONCURRENCY), "--batch", "4", "--prefix", prefix, "--duration", str(duration)]
