@@ -100,6 +100,9 @@ class TieredCache:
         self._leases = store.leases if store is not None and leases else None
         self.lease_ttl = lease_ttl
         self.lease_wait = lease_wait
+        # A claim precedes a computation (milliseconds to seconds): it may wait longer than a read before
+        # failing open, which would compute the texts twice. A dead store is caught by the read before it.
+        self.lease_timeout = min(max(read_timeout * 4, 1.0), lease_ttl / 3)
         self._lease_tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -207,7 +210,7 @@ class TieredCache:
         if leases is None or not keys or not self.store_available:
             return Claim(owned=list(keys))
         try:
-            replies = await asyncio.wait_for(leases.claim(keys, self.lease_ttl), self.read_timeout)
+            replies = await asyncio.wait_for(leases.claim(keys, self.lease_ttl), self.lease_timeout)
         except Exception as exc:  # computing is always possible: fail open
             self._store_failed(exc, "lease")
             return Claim(owned=list(keys))
@@ -260,7 +263,7 @@ class TieredCache:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
             try:
-                await asyncio.wait_for(leases.renew(keys, self.lease_ttl), self.read_timeout)
+                await asyncio.wait_for(leases.renew(keys, self.lease_ttl), self.lease_timeout)
             except Exception as exc:  # the lease lapses: at worst another gateway computes the text too
                 self._store_failed(exc, "lease renewal")
 
