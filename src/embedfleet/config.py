@@ -280,6 +280,11 @@ class GatewaySettings(Settings):
                                                                  "429 Overloaded")
     health_interval: float = Field(1.0, gt=0, description="seconds between active /health checks")
     store_timeout: float = Field(0.25, gt=0, description="cache store reads slower than this count as misses")
+    cache_leases: bool = Field(True, description="single-flight across gateways sharing a Redis cache: a text "
+                                                 "another gateway is computing is awaited, not computed again")
+    cache_lease_ttl: float = Field(2.0, ge=0.1, le=60.0, description="seconds a lease on a text being computed "
+                                   "lives unless renewed (renewed every third of it): how long a gateway that "
+                                   "died holding one delays the others")
     api_key: list[str] = Field(default_factory=list, description="key accepted as Authorization: Bearer KEY, "
                                                                  "repeated (none: no authentication)")
     api_key_file: Path | None = Field(None, description="file with one API key per line")

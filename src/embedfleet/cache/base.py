@@ -25,10 +25,37 @@ class StoreFull(Exception):
         self.dropped = dropped
 
 
+class Leases(ABC):
+    """Short per-key leases that every gateway sharing a store sees: cross-gateway single-flight.
+
+    A gateway about to compute a text takes the text's lease; another gateway that wants the same text
+    meanwhile waits for the value instead of computing it again. A lease expires by itself (``ttl``)
+    unless its holder renews it, so a holder that dies delays the others by at most one ``ttl``; a holder
+    that computed the value publishes it and drops the lease in one round trip. Only stores shared
+    across hosts offer leases (:attr:`Store.leases`).
+    """
+
+    @abstractmethod
+    async def claim(self, keys: Sequence[bytes], ttl: float) -> list[bytes | bool]:
+        """Per key, in order and atomically per key: its stored value (bytes) if there is one, else True
+        where this caller now holds the key's lease (for ``ttl`` seconds), else False (another holds it)."""
+
+    @abstractmethod
+    async def renew(self, keys: Sequence[bytes], ttl: float) -> None:
+        """Extend this caller's leases on the keys by ``ttl`` (leases it no longer holds are left alone)."""
+
+    @abstractmethod
+    async def publish(self, items: Sequence[tuple[bytes, bytes]], ttl: float | None, release: Sequence[bytes]) -> None:
+        """Write entries as :meth:`Store.set_many` does, then drop this caller's leases on ``release``
+        (in that order: a waiter that sees a lease gone finds the value)."""
+
+
 class Store(ABC):
     """A key-value store of cache entries. Keys start with an 8-byte model tag."""
 
     name: str
+    leases: Leases | None = None
+    """Cross-gateway single-flight, where the store is shared by gateways on several hosts (Redis)."""
 
     @abstractmethod
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:

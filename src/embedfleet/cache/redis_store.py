@@ -12,10 +12,16 @@ used on, like any asyncio client.
 
 A Redis that is down, hung or still loading raises :class:`StoreUnavailable` within about a second
 instead of stalling the request path. Redis Cluster is not supported (MGET spans hash slots).
+
+The store also offers :class:`RedisLeases` (cross-gateway single-flight): a text's lease lives at
+``lease:`` + namespace + raw key (outside the namespace's own keys, so ``delete`` and ``stats`` never
+see one), holds a random token of the store object, and is taken with ``SET NX PX`` inside a Lua script
+that first looks for the value, so "the value is there" and "take the lease" are one atomic step.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -28,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from embedfleet.cache.base import Store, StoreStats
+from embedfleet.cache.base import Leases, Store, StoreStats
 from embedfleet.cache.keys import MODEL_TAG_BYTES
 
 DEFAULT_NAMESPACE = b"ef:"
@@ -39,6 +45,49 @@ DEFAULT_POOL_TIMEOUT_S = 1.0
 SCAN_COUNT = 1000  # keys per SCAN page, and per UNLINK / STRLEN batch
 
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+LEASE_PREFIX = b"lease:"
+"""Before the namespace in a lease's key (``lease:ef:<raw key>``)."""
+
+# KEYS: value and lease key of each text, in pairs; ARGV: token, milliseconds. Per text: the value if
+# stored, else 1 where this token holds the lease now (taken, or already its own), else 0.
+_CLAIM = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local value = redis.call('GET', KEYS[i])
+  if value then
+    out[#out + 1] = value
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[#out + 1] = 1
+  elseif redis.call('GET', KEYS[i + 1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[2])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# KEYS: lease keys; ARGV: token, milliseconds. Extends the leases this token holds.
+_RENEW = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+  end
+end
+return 0
+"""
+
+# KEYS: lease keys; ARGV: token. Drops the leases this token holds.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+  end
+end
+return 0
+"""
 
 
 class StoreUnavailable(ConnectionError):
@@ -101,6 +150,7 @@ class RedisStore(Store):
         self.location = (f"unix:{kwargs.get('path')}" if scheme == "unix"
                          else f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}")
         self.location += f"/{kwargs.get('db', 0)}"  # no credentials: safe for logs and errors
+        self.leases: RedisLeases = RedisLeases(self)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.location!r}, namespace={self.namespace!r})"
@@ -133,11 +183,19 @@ class RedisStore(Store):
             if ttl is None:
                 await self._client.mset({ns + k: v for k, v in items})
                 return
-            px = max(1, round(ttl * 1000))
             async with self._client.pipeline(transaction=False) as pipe:
-                for key, value in items:
-                    pipe.set(ns + key, value, px=px)
+                self._queue_sets(pipe, items, ttl)
                 await pipe.execute()
+
+    def _queue_sets(self, pipe: Any, items: Sequence[tuple[bytes, bytes]], ttl: float | None) -> None:
+        """Add the writes of ``items`` to a pipeline."""
+        ns = self.namespace
+        if ttl is None:
+            pipe.mset({ns + k: v for k, v in items})
+            return
+        px = max(1, round(ttl * 1000))
+        for key, value in items:
+            pipe.set(ns + key, value, px=px)
 
     async def _scan_page(self, cursor: int, pattern: bytes) -> tuple[int, list[bytes]]:
         """One SCAN step: the next cursor (0 when done) and a page of matching keys."""
@@ -195,3 +253,58 @@ class RedisStore(Store):
     async def close(self) -> None:
         """Close the pool's connections (nothing to flush: every write was acknowledged)."""
         await self._client.aclose()
+
+
+def _millis(ttl: float) -> int:
+    if ttl <= 0:
+        raise ValueError("a lease's ttl must be positive")
+    return max(1, round(ttl * 1000))
+
+
+class RedisLeases(Leases):
+    """A :class:`RedisStore`'s leases: Lua scripts over its connection pool, one round trip a call.
+
+    The token is random per object: one gateway process, one token; its single-flight within the process
+    makes sure that it never claims one text twice at a time.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.token = os.urandom(16)
+        client = store._client
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+
+    def lease_key(self, key: bytes) -> bytes:
+        """Where a text's lease lives."""
+        return LEASE_PREFIX + self.store.namespace + key
+
+    async def claim(self, keys: Sequence[bytes], ttl: float) -> list[bytes | bool]:
+        """Values, or leases taken (True) or held by another (False), in one EVALSHA."""
+        if not keys:
+            return []
+        ns = self.store.namespace
+        pairs = [k for key in keys for k in (ns + key, self.lease_key(key))]
+        with self.store._unavailable("claim"):
+            replies = await self._claim(keys=pairs, args=[self.token, _millis(ttl)])
+        return [r if isinstance(r, bytes) else bool(r) for r in cast("list[bytes | int]", replies)]
+
+    async def renew(self, keys: Sequence[bytes], ttl: float) -> None:
+        """Extend this object's leases on the keys."""
+        if keys:
+            with self.store._unavailable("renew"):
+                await self._renew(keys=[self.lease_key(k) for k in keys], args=[self.token, _millis(ttl)])
+
+    async def publish(self, items: Sequence[tuple[bytes, bytes]], ttl: float | None, release: Sequence[bytes]) -> None:
+        """Write the entries, then drop this object's leases on ``release``: one pipeline, in that order."""
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be positive (None: no expiry)")
+        if not items and not release:
+            return
+        with self.store._unavailable("publish"):
+            async with self.store._client.pipeline(transaction=False) as pipe:
+                if items:
+                    self.store._queue_sets(pipe, items, ttl)
+                if release:  # EVAL, not EVALSHA: a pipeline would first ask whether the script is loaded
+                    pipe.eval(_RELEASE, len(release), *(self.lease_key(k) for k in release), self.token)
+                await pipe.execute()

@@ -7,20 +7,30 @@ skipped for a short back-off before it is tried again. Writes go to memory at on
 through a bounded write-behind queue, flushed on close; when the queue is full, or a store at its
 size bound refuses them (:class:`StoreFull`: not an error, reads go on), entries are dropped and
 counted (a dropped write is only a future miss), and a full store is logged at most once a minute.
+
+Where the store is shared by gateways on several hosts and offers :class:`~embedfleet.cache.base.Leases`
+(Redis), misses are also single-flight across gateways: :meth:`TieredCache.claim` takes a short lease on
+each text the caller is about to compute (or finds its value, or learns that another gateway holds its
+lease); the caller renews its leases while it computes (:meth:`TieredCache.holding`) and publishes the
+values with the leases dropped (:meth:`TieredCache.store_entries`), while the others poll for them
+(:meth:`TieredCache.await_foreign`) and compute a text themselves only where its lease lapses without a
+value (its holder died or failed) or their wait runs out. Every lease step fails open: a store that
+cannot be reached means computing, never an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import Histogram
 
-from embedfleet.cache.base import Store, StoreFull
+from embedfleet.cache.base import Leases, Store, StoreFull
 from embedfleet.cache.memory import BLOB, EXPIRES, VECTOR, Entry, MemoryStore, entry_from_blob, entry_from_vector
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,26 @@ class TierCounters:
     misses: int = 0
     store_errors: int = 0
     writes_dropped: int = 0
+    flights_joined: int = 0
+    """Texts another gateway was computing, answered by its value."""
+    flights_taken_over: int = 0
+    """Texts another gateway held a lease on that was dropped or lapsed without a value (or waited on past
+    the deadline): computed here."""
+
+
+POLL_FIRST_S = 0.002
+POLL_MAX_S = 0.05
+"""A gateway waiting on another's lease polls the store after 2 ms, then ever less often, at least every 50 ms."""
+
+
+@dataclass
+class Claim:
+    """What :meth:`TieredCache.claim` found for each key: stored entries, keys the caller is to compute
+    (under its lease where the store offers them), and keys another gateway is computing."""
+
+    found: dict[bytes, Entry] = field(default_factory=dict)
+    owned: list[bytes] = field(default_factory=list)
+    foreign: list[bytes] = field(default_factory=list)
 
 
 class TieredCache:
@@ -45,7 +75,10 @@ class TieredCache:
 
     def __init__(self, memory: MemoryStore, store: Store | None, ttl: float | None = None,
                  read_timeout: float = 0.25, write_queue: int = 65536, write_batch: int = 512,
-                 backoff: float = 1.0) -> None:
+                 backoff: float = 1.0, leases: bool = True, lease_ttl: float = 2.0, lease_wait: float = 60.0) -> None:
+        """``leases``: single-flight across gateways where the store offers leases; ``lease_ttl``: seconds a
+        lease lives unless renewed (its holder renews it every third of that); ``lease_wait``: seconds a
+        gateway waits at most on texts another is computing before it computes them itself."""
         self.memory = memory
         self.store = store
         self.ttl = ttl
@@ -64,6 +97,13 @@ class TieredCache:
         self._last_error_log = 0.0
         self._last_full_log: float | None = None
         self._full_since_log = 0
+        self._leases = store.leases if store is not None and leases else None
+        self.lease_ttl = lease_ttl
+        self.lease_wait = lease_wait
+        # A claim precedes a computation (milliseconds to seconds): it may wait longer than a read before
+        # failing open, which would compute the texts twice. A dead store is caught by the read before it.
+        self.lease_timeout = min(max(read_timeout * 4, 1.0), lease_ttl / 3)
+        self._lease_tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Start the write-behind task (call from the event loop)."""
@@ -145,12 +185,127 @@ class TieredCache:
         """A value for a vector and its input's token count, with this cache's expiry (float32, as stored)."""
         return entry_from_vector(vector, time.time() + self.ttl if self.ttl else 0.0, tokens)
 
-    def store_entries(self, items: Sequence[tuple[bytes, Entry]]) -> None:
-        """Cache entries: memory now, the store through the write-behind queue."""
+    @property
+    def shares_flights(self) -> bool:
+        """Whether misses are single-flight across gateways now (leases on, and the store not in back-off)."""
+        return self._leases is not None and self.store_available
+
+    def _entries(self, keys: Sequence[bytes], blobs: Sequence[bytes]) -> dict[bytes, Entry]:
+        """Stored values as entries, back-filled into memory (a corrupt or expired one is left out)."""
+        now = time.time()
+        found: dict[bytes, Entry] = {}
+        for key, blob in zip(keys, blobs, strict=True):
+            entry = entry_from_blob(bytes(blob))
+            if entry[VECTOR] is not None and not (entry[EXPIRES] and entry[EXPIRES] <= now):
+                found[key] = entry
+        if found:
+            self.memory.insert(list(found.items()))
+        return found
+
+    async def claim(self, keys: Sequence[bytes]) -> Claim:
+        """For texts about to be computed: the entries stored meanwhile, the keys to compute here (their
+        leases taken) and the keys another gateway holds leases on (:meth:`await_foreign`). Without leases,
+        or when the store fails, every key is the caller's to compute."""
+        leases = self._leases
+        if leases is None or not keys or not self.store_available:
+            return Claim(owned=list(keys))
+        try:
+            replies = await asyncio.wait_for(leases.claim(keys, self.lease_ttl), self.lease_timeout)
+        except Exception as exc:  # computing is always possible: fail open
+            self._store_failed(exc, "lease")
+            return Claim(owned=list(keys))
+        claim = Claim()
+        stored = [(k, r) for k, r in zip(keys, replies, strict=True) if isinstance(r, bytes)]
+        claim.found = self._entries([k for k, _ in stored], [r for _, r in stored])
+        for key, reply in zip(keys, replies, strict=True):
+            if reply is False:
+                claim.foreign.append(key)
+            elif key not in claim.found:  # its lease taken, or a stored value that is no use (corrupt, expired)
+                claim.owned.append(key)
+        return claim
+
+    async def await_foreign(self, keys: Sequence[bytes]) -> Claim:
+        """Wait for texts other gateways are computing: their entries as they appear, and the keys that are
+        the caller's to compute after all (a lease dropped or lapsed without a value, whose lease the caller
+        has now taken; or the wait ran past ``lease_wait``)."""
+        result = Claim()
+        pending = list(keys)
+        deadline = time.monotonic() + self.lease_wait
+        delay = POLL_FIRST_S
+        while pending and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, POLL_MAX_S)
+            step = await self.claim(pending + result.owned)  # claiming again what it holds renews it
+            result.found.update(step.found)
+            result.owned = step.owned
+            pending = step.foreign
+        result.owned += pending
+        self.counters.flights_joined += len(result.found)
+        self.counters.flights_taken_over += len(result.owned)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def holding(self, keys: Sequence[bytes]) -> AsyncIterator[None]:
+        """Renew the caller's leases on ``keys`` every third of ``lease_ttl`` while the body computes them."""
+        leases = self._leases
+        if leases is None or not keys:
+            yield
+            return
+        task = asyncio.get_running_loop().create_task(self._renew_loop(leases, list(keys)), name="lease-renewal")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _renew_loop(self, leases: Leases, keys: list[bytes]) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                await asyncio.wait_for(leases.renew(keys, self.lease_ttl), self.lease_timeout)
+            except Exception as exc:  # the lease lapses: at worst another gateway computes the text too
+                self._store_failed(exc, "lease renewal")
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """Drop the caller's leases on texts it will not compute after all (its computation failed), in the
+        background, so that the gateways waiting on them compute them at once."""
+        if self._leases is not None and keys:
+            self._publish([], list(keys))
+
+    def _publish(self, items: list[tuple[bytes, bytes]], release: list[bytes]) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_now(items, release), name="lease-publish")
+        self._lease_tasks.add(task)  # a strong reference until done; close() waits for them
+        task.add_done_callback(self._lease_tasks.discard)
+
+    async def _publish_now(self, items: list[tuple[bytes, bytes]], release: list[bytes]) -> None:
+        assert self._leases is not None
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(self._leases.publish(items, self.ttl, release), max(self.read_timeout * 8, 2.0))
+        except StoreFull as exc:
+            self.counters.writes_dropped += exc.dropped
+            self._store_full(exc)
+        except Exception as exc:  # the leases lapse by themselves; the values are future misses
+            self.counters.writes_dropped += len(items)
+            self._store_failed(exc, "write")
+        else:
+            if items:
+                self.store_latency.labels("write").observe(time.perf_counter() - started)
+
+    def store_entries(self, items: Sequence[tuple[bytes, Entry]], leased: Sequence[bytes] = ()) -> None:
+        """Cache entries: memory now, the store through the write-behind queue. Entries of ``leased`` keys
+        (whose leases the caller holds) are written at once instead, with their leases dropped after them,
+        for the gateways waiting on them."""
         self.memory.insert(items)
         if self.store is None:
             return
+        held = set(leased) if self._leases is not None else set()
+        if held:
+            self._publish([(k, e[BLOB]) for k, e in items if k in held], list(held))
         for key, entry in items:
+            if key in held:
+                continue
             try:
                 self._queue.put_nowait((key, entry[BLOB]))
             except asyncio.QueueFull:
@@ -206,7 +361,9 @@ class TieredCache:
         return max(in_memory, in_store)
 
     async def close(self) -> None:
-        """Flush every queued write, then close the store."""
+        """Flush every queued write (and publish every lease's value), then close the store."""
+        if self._lease_tasks:
+            await asyncio.gather(*self._lease_tasks, return_exceptions=True)
         if self._writer is not None:
             await self._queue.put(None)
             await self._writer

@@ -29,6 +29,12 @@ class GatewayCollector(Collector):
         yield tiers
         yield CounterMetricFamily("embedfleet_cache_store_errors", "Cache store reads or writes that failed",
                                   value=c.store_errors)
+        flights = CounterMetricFamily("embedfleet_cache_shared_flights", "Misses another gateway held a lease on: "
+                                      "answered by its value (joined) or computed here after all (taken_over)",
+                                      labels=["result"])
+        flights.add_metric(["joined"], c.flights_joined)
+        flights.add_metric(["taken_over"], c.flights_taken_over)
+        yield flights
         yield CounterMetricFamily("embedfleet_cache_writes_dropped",
                                   "Cache writes dropped (queue full, store down or at its size bound)",
                                   value=c.writes_dropped)

@@ -66,7 +66,8 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
         raise ValueError("at least one --upstream URL is needed")
     store = open_store(settings.cache)
     cache = TieredCache(MemoryStore(settings.memory_cache_bytes), store, ttl=settings.cache_ttl,
-                        read_timeout=settings.store_timeout)
+                        read_timeout=settings.store_timeout, leases=settings.cache_leases,
+                        lease_ttl=settings.cache_lease_ttl, lease_wait=settings.upstream_timeout)
     pools = [Pool(name, urls, timeout=settings.upstream_timeout, health_interval=settings.health_interval,
                   dns_interval=settings.upstream_dns_interval)
              for name, urls in parse_upstreams(settings.upstream).items()]

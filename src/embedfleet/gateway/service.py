@@ -1,7 +1,8 @@
 """The gateway's embedding path: dedupe, one cache lookup, single-flight, split, merge.
 
 For one request: identical texts are computed once; every key is looked up in one round trip per
-tier; a key that another request is already computing is awaited, not computed again; the rest is
+tier; a key that another request is already computing is awaited, not computed again (in this process,
+and through the cache's leases in other gateways sharing its store); the rest is
 split into sub-batches that fit the upstreams' ``max_client_batch_size`` and (estimated) token
 budget, sent to replicas in parallel, and merged back in input order. All or nothing: a request
 gets every vector or an error.
@@ -297,10 +298,18 @@ class EmbeddingService:
 
     async def _resolve(self, mine: dict[bytes, asyncio.Future[Entry]], items: list[str | list[int]],
                        body: dict[str, Any], policy: CachePolicy) -> list[Entry]:
-        """Compute this request's own misses (and raw inputs), settle their futures, cache them."""
+        """Compute this request's own misses (and raw inputs), settle their futures, cache them.
+
+        Where the cache shares flights across gateways (and the request may both read and write it), the
+        misses are claimed there first: a text another gateway is computing is awaited, not computed again.
+        """
+        leased: list[bytes] = []
+        fetched: set[bytes] = set()
         try:
-            vectors, tokens = await self._compute(items, body)
-            computed = [self.cache.entry(v, t) for v, t in zip(vectors, tokens, strict=True)]
+            if mine and policy.read and policy.write and self.cache.shares_flights:
+                computed, fetched, leased = await self._compute_shared(list(mine), items, body)
+            else:
+                computed = await self._compute_entries(items, body)
         except Exception as exc:
             # Waiters get the error without this request's position of the input at fault.
             shared = exc.at(None) if isinstance(exc, EngineError) else exc
@@ -313,8 +322,63 @@ class EmbeddingService:
             self._forget(key, fut)
             fut.set_result(entry)
         if mine and policy.write:
-            self.cache.store_entries(list(zip(mine, computed, strict=False)))
+            own = [(k, e) for k, e in zip(mine, computed, strict=False) if k not in fetched]
+            self.cache.store_entries(own, leased)
         return computed
+
+    async def _compute_entries(self, items: list[str | list[int]], body: dict[str, Any]) -> list[Entry]:
+        """Cache entries of freshly computed inputs, in order."""
+        vectors, tokens = await self._compute(items, body)
+        return [self.cache.entry(v, t) for v, t in zip(vectors, tokens, strict=True)]
+
+    async def _compute_shared(self, keys: list[bytes], items: list[str | list[int]],
+                              body: dict[str, Any]) -> tuple[list[Entry], set[bytes], list[bytes]]:
+        """Entries for ``items`` (the texts of ``keys``, then token-id inputs), single-flight across gateways:
+        the keys whose leases this gateway takes are computed here (with the token-id inputs), while those
+        another gateway holds are awaited, and computed here too where their holder gives up. Returns the
+        entries, the keys another gateway computed, and the keys whose leases this gateway holds."""
+        index = {k: i for i, k in enumerate(keys)}
+        rows: list[Entry | None] = [None] * len(items)
+        claim = await self.cache.claim(keys)
+        for key, entry in claim.found.items():
+            rows[index[key]] = entry
+        fetched = set(claim.found)
+        leased = list(claim.owned)
+        waiter = (asyncio.get_running_loop().create_task(self.cache.await_foreign(claim.foreign))
+                  if claim.foreign else None)
+        try:
+            async with self.cache.holding(claim.owned):
+                await self._compute_into(items, [*(index[k] for k in claim.owned), *range(len(keys), len(items))],
+                                         rows, body)
+            if waiter is not None:
+                rest = await waiter
+                for key, entry in rest.found.items():
+                    rows[index[key]] = entry
+                fetched.update(rest.found)
+                leased += rest.owned
+                async with self.cache.holding(rest.owned):
+                    await self._compute_into(items, [index[k] for k in rest.owned], rows, body)
+        except BaseException:
+            if waiter is not None:
+                waiter.cancel()
+            self.cache.release(leased)
+            raise
+        return cast(list[Entry], rows), fetched, leased
+
+    async def _compute_into(self, items: list[str | list[int]], positions: list[int], rows: list[Entry | None],
+                            body: dict[str, Any]) -> None:
+        """Compute the inputs at ``positions`` of ``items`` into ``rows``; an error about one input names its
+        position in ``items``."""
+        if not positions:
+            return
+        try:
+            entries = await self._compute_entries([items[i] for i in positions], body)
+        except EngineError as exc:
+            if exc.input is None:
+                raise
+            raise exc.at(positions[exc.input] if 0 <= exc.input < len(positions) else None) from None
+        for position, entry in zip(positions, entries, strict=True):
+            rows[position] = entry
 
     def _forget(self, key: bytes, fut: asyncio.Future[Entry]) -> None:
         """The key is no longer being computed by the computation that owns ``fut`` (a private recompute

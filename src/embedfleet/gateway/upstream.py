@@ -239,6 +239,7 @@ class Upstream:
         self.info: UpstreamInfo | None = None
         self.base_timeout = timeout
         self._calls = asyncio.Semaphore(MAX_CALLS_PER_UPSTREAM)
+        self._under_way: set[asyncio.Task[Reply]] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -269,7 +270,8 @@ class Upstream:
             try:
                 return await self._call("POST", route, timeout, data=data, headers=headers)
             except aiohttp.ClientError as exc:
-                if not _dropped_before_answer(exc) or session.closed:  # closed: cut by a failed check, or closing
+                if not _dropped_before_answer(exc) or session.closed or session is not self._session:
+                    # closed or replaced: cut by a failed check (or closing), never sent again there
                     raise
                 log.debug("upstream %s dropped a connection (%s); sending again", self.label, exc)
                 return await self._call("POST", route, timeout, data=data, headers=headers)
@@ -336,19 +338,28 @@ class Upstream:
         if alive != self.alive:
             log.info("upstream %s is %s", self.label, "up" if alive else "down")
         self.alive = alive
-        if not alive and self.calls:
-            await self.cut_calls()
+        if not alive:
+            # Out of the pool now, not when the pool next settles: a call routed here while the calls under
+            # way are cut would open a new connection to the dead replica and wait for the next check.
+            self.healthy = False
+            if self.calls:
+                await self.cut_calls()
         return alive
 
     async def cut_calls(self) -> None:
-        """Fail the calls under way now, by closing their connections: a replica that fails its health check
+        """Fail the calls under way now (cancelled, their connections closed): a replica that fails its health check
         while calls wait on it is hung (a stopped process still accepts connections but never answers), and
         its calls would otherwise wait out their deadline (a minute or more) before the pool retries them on
         another replica. The next call opens a new connection pool."""
+        log.warning("upstream %s failed its health check with %d calls under way: retrying them elsewhere",
+                    self.label, self.calls)
+        # Cancelled, not only disconnected: closing the connections fails a call waiting for its answer, but
+        # not one that is connecting, or sending again on a new connection after a drop (to a host whose
+        # link is cut, that waits out the call's whole deadline).
+        for call in list(self._under_way):
+            call.cancel()
         session, self._session = self._session, None
         if session is not None:
-            log.warning("upstream %s failed its health check with %d calls under way: retrying them elsewhere",
-                        self.label, self.calls)
             await session.close()
 
     async def post(self, route: str, body: dict[str, Any], weight: int, parse: Callable[[Reply], T],
@@ -358,9 +369,17 @@ class Upstream:
         headers = _JSON_HEADERS if accept is None else {**_JSON_HEADERS, "accept": accept}
         self.in_flight += weight
         self.calls += 1
+        call = asyncio.get_running_loop().create_task(self._send(route, orjson.dumps(body), headers, weight))
+        self._under_way.add(call)
         try:
-            reply = await self._send(route, orjson.dumps(body), headers, weight)
+            reply = await call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if call.cancelled() and (current is None or not current.cancelling()):  # cut, not our caller's cancel
+                raise UpstreamFailed(f"call to {self.label} cut: it failed its health check") from None
+            raise
         finally:
+            self._under_way.discard(call)
             self.in_flight -= weight
             self.calls -= 1
         if reply.status >= 500:
