@@ -472,13 +472,14 @@ def bench_workers(variant: str, worker_args: list[list[str]], sets: list[TextSet
 
 REFERENCE = "st_fp32"  # every side-by-side row's vectors are compared with this one's
 BEST_PEER = ("st_bf16", "infinity_bf16")  # the best peer configuration: the faster of these in the run
-# Our rows: worker flags (None: the embedfleet serve default fleet).
-OUR_ROWS: tuple[tuple[str, list[str] | None], ...] = (
+# Our rows: worker flags, or (a dict) the [fleet] keys of an embedfleet serve fleet ({}: its defaults).
+OUR_ROWS: tuple[tuple[str, list[str] | dict[str, int]], ...] = (
     ("ef_worker_default", []),
     ("ef_worker_float32", ["--dtype", "float32"]),
     ("ef_worker_openvino_bf16", ["--backend", "openvino", "--dtype", "bfloat16"]),
     ("ef_worker_onnx", ["--backend", "onnx"]),
-    ("ef_serve_default", None),
+    ("ef_serve_default", {}),
+    ("ef_serve_one_worker", {"replicas": 1, "threads": os.cpu_count() or 1}),
 )
 PEER_VARIANTS = ("st_fp32", "st_bf16", "infinity_fp32", "infinity_bf16", *(name for name, _ in OUR_ROWS))
 DESCRIPTIONS.update({
@@ -491,6 +492,7 @@ DESCRIPTIONS.update({
     "ef_worker_openvino_bf16": "embedfleet worker --backend openvino --dtype bfloat16, HTTP",
     "ef_worker_onnx": "embedfleet worker --backend onnx, HTTP",
     "ef_serve_default": "embedfleet serve, default fleet (cache none), HTTP",
+    "ef_serve_one_worker": "embedfleet serve, one worker using every core (cache none), HTTP",
 })
 
 
@@ -565,14 +567,14 @@ def bench_infinity(info: ModelInfo, sets: list[TextSet], results: Results, root:
             results.skip(variant, _short_reason(exc), log)
 
 
-def _default_fleet_config(root: Path) -> Path:
-    """``embedfleet serve``'s defaults (no instances declared: the default model, its default workers),
-    with the cache off so that every text is computed, and its state in ``root``."""
+def _default_fleet_config(root: Path, fleet: dict[str, int]) -> Path:
+    """``embedfleet serve``'s defaults (no instances declared: the default model, its default workers) but
+    for the ``fleet`` keys, with the cache off so that every text is computed, and its state in ``root``."""
     low = 30000 + (free_port() % 300) * 64
     path = root / "embedfleet.toml"
     path.write_text("\n".join([
         "[fleet]", f'state_dir = "{root / "state"}"', f'port_range = "{low}-{low + 63}"',
-        "[gateway]", 'cache = "none"', ""]))
+        *(f"{key} = {value}" for key, value in fleet.items()), "[gateway]", 'cache = "none"', ""]))
     return path
 
 
@@ -582,11 +584,11 @@ def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Conso
         log.print(f"  {variant:<24} starting")
         started = time.monotonic()
         try:
-            if flags is None:
+            if isinstance(flags, dict):
                 folder = root / variant
                 folder.mkdir()
                 port = free_port()
-                with serve_fleet(_default_fleet_config(folder), port, folder / "serve.log", "embedfleet serve",
+                with serve_fleet(_default_fleet_config(folder, flags), port, folder / "serve.log", "embedfleet serve",
                                  HEALTH_TIMEOUT_S) as proc:
                     _measure_http_row(variant, f"http://127.0.0.1:{port}", lambda: tree_peak_rss_mb(proc.pid),
                                       sets, results, log, started)
