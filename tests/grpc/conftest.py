@@ -1,42 +1,18 @@
-"""gRPC fixtures: client stubs generated at test time from the reference protos (tests/data/proto, copied
-from TEI and the TEI manager), so the clients share nothing with embedfleet's own copies; real workers and a
-real gateway serving gRPC."""
+"""gRPC fixtures: real workers and a real gateway serving gRPC (the client stubs: ``grpc_stubs`` in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
 
 import grpc
 import pytest
 
 from tests.helpers import GatewayProcess, WorkerProcess, free_port
 
-PROTOS = Path(__file__).parent.parent / "data" / "proto"
-
-
-@pytest.fixture(scope="session")
-def stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """``tei`` (tei.v1 messages), ``tei_grpc`` (its stubs), ``mx`` and ``mx_grpc`` (tei_multiplexer.v1)."""
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("grpc-stubs")
-    files = ["tei/v1/tei.proto", "tei_multiplexer/v1/multiplexer.proto"]
-    code = protoc.main(["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
-    assert code == 0, "protoc failed on the reference protos"
-    sys.path.insert(0, str(out))
-    modules: dict[str, ModuleType] = {
-        "tei": importlib.import_module("tei.v1.tei_pb2"),
-        "tei_grpc": importlib.import_module("tei.v1.tei_pb2_grpc"),
-        "mx": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2"),
-        "mx_grpc": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2_grpc"),
-    }
-    return SimpleNamespace(**modules)
-
+MAX_MESSAGE = 64 * 1024 * 1024
 
 def wait_grpc(target: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll until the gRPC port accepts a channel (with a deadline)."""
@@ -62,25 +38,26 @@ class GrpcGateway(GatewayProcess):
 
     def channel(self) -> grpc.Channel:
         """A plaintext channel to the gateway's gRPC port."""
-        return grpc.insecure_channel(self.target)
+        return grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                                                           ("grpc.max_send_message_length", MAX_MESSAGE)])
 
 
 @pytest.fixture(scope="module")
 def embedders(start_worker: object, tiny_models: dict[str, Path]) -> list[WorkerProcess]:
     """Two replicas of a tiny CLS-pooling embedder (32 dimensions)."""
-    return [start_worker("--model", str(tiny_models["cls"])) for _ in range(2)]  # type: ignore[operator]
+    return [start_worker("--model", str(tiny_models["cls"]), "--backend", "torch") for _ in range(2)]  # type: ignore[operator]
 
 
 @pytest.fixture(scope="module")
 def ranker(start_worker: object, tiny_models: dict[str, Path]) -> WorkerProcess:
     """A tiny reranker (it also serves /predict)."""
-    return start_worker("--model", str(tiny_models["reranker"]))  # type: ignore[operator, no-any-return]
+    return start_worker("--model", str(tiny_models["reranker"]), "--backend", "torch")  # type: ignore[operator, no-any-return]
 
 
 @pytest.fixture(scope="module")
 def splade(start_worker: object, tiny_models: dict[str, Path]) -> WorkerProcess:
     """A tiny SPLADE model."""
-    return start_worker("--model", str(tiny_models["splade"]))  # type: ignore[operator, no-any-return]
+    return start_worker("--model", str(tiny_models["splade"]), "--backend", "torch")  # type: ignore[operator, no-any-return]
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,7 @@ class EmbeddingService:
         async def call(start: int) -> list[Any]:
             chunk = list(inputs[start:start + size])
             try:
-                answer = await self.pool.post(route, {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)))
+                answer: Any = await self.pool.post(route, {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)))
             except EngineError as exc:
                 if exc.input is None:
                     raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -170,7 +170,7 @@ async def embed_arrow(service: EmbeddingService, data: bytes, *, truncate: bool 
                                      max_inputs=max_rows)
     except EngineError as exc:
         raise _by_row(exc) from None
-    matrix = np.stack([row[VECTOR] for row in result.rows])
+    matrix = np.stack([cast(np.ndarray, row[VECTOR]) for row in result.rows])  # hits and answers have vectors
     return write_dense(matrix, batch.compressed)
 
 

@@ -22,8 +22,8 @@ from embedfleet.gateway.service import CachePolicy, EmbeddingService
 from embedfleet.gateway.upstream import UpstreamInfo
 from embedfleet.grpc.proto import tei_pb2 as pb
 
-DIRECTIONS = {pb.TRUNCATION_DIRECTION_RIGHT: TruncationDirection.RIGHT,
-              pb.TRUNCATION_DIRECTION_LEFT: TruncationDirection.LEFT}
+DIRECTIONS: dict[int, TruncationDirection] = {pb.TRUNCATION_DIRECTION_RIGHT: TruncationDirection.RIGHT,
+                                              pb.TRUNCATION_DIRECTION_LEFT: TruncationDirection.LEFT}
 MODEL_TYPES = {"classifier": pb.MODEL_TYPE_CLASSIFIER, "reranker": pb.MODEL_TYPE_RERANKER}
 
 
@@ -88,7 +88,8 @@ class TeiCalls:
             version=__version__, model_id=str(raw.get("model_id", "")), model_dtype=str(raw.get("model_dtype", "")),
             model_type=MODEL_TYPES.get(task, pb.MODEL_TYPE_EMBEDDING),
             max_concurrent_requests=int(raw.get("max_concurrent_requests") or 0),
-            max_input_length=int(raw.get("max_input_length") or 0), max_batch_tokens=int(raw.get("max_batch_tokens") or 0),
+            max_input_length=int(raw.get("max_input_length") or 0),
+            max_batch_tokens=int(raw.get("max_batch_tokens") or 0),
             max_client_batch_size=self.max_client_batch_size,
             tokenization_workers=int(raw.get("tokenization_workers") or 0), **optional)
 
@@ -120,7 +121,7 @@ class TeiCalls:
         started = time.perf_counter_ns()
         body = _forward_body(req.truncate, req.truncation_direction, inputs=req.inputs,
                              prompt_name=req.prompt_name if req.HasField("prompt_name") else None)
-        answer = await service.pool.post("/embed_all", body, weight=service.estimate(req.inputs))
+        answer: Any = await service.pool.post("/embed_all", body, weight=service.estimate(req.inputs))
         tokens = answer[0] if isinstance(answer, list) and answer and isinstance(answer[0], list) and answer[0] \
             and isinstance(answer[0][0], list) else answer
         if not isinstance(tokens, list):
@@ -152,7 +153,8 @@ class TeiCalls:
                                    req.raw_scores, req.return_text)
         return pb.RerankResponse(ranks=ranks, metadata=_metadata(started, len(req.query) + sum(map(len, req.texts))))
 
-    async def rerank_stream(self, service: EmbeddingService, reqs: Sequence[pb.RerankStreamRequest]) -> pb.RerankResponse:
+    async def rerank_stream(self, service: EmbeddingService,
+                            reqs: Sequence[pb.RerankStreamRequest]) -> pb.RerankResponse:
         """Every streamed (query, text) pair ranked in one answer; ``index`` is the message's position.
         ``raw_scores`` and ``return_text`` are the first message's, as TEI reads them."""
         started = time.perf_counter_ns()
@@ -167,7 +169,8 @@ class TeiCalls:
                          first.truncation_direction, first.raw_scores, first.return_text, positions)
             for query, positions in groups.items()))
         ranks = sorted((r for part in parts for r in part), key=lambda r: -r.score)
-        return pb.RerankResponse(ranks=ranks, metadata=_metadata(started, sum(len(r.query) + len(r.text) for r in reqs)))
+        chars = sum(len(r.query) + len(r.text) for r in reqs)
+        return pb.RerankResponse(ranks=ranks, metadata=_metadata(started, chars))
 
     async def _rerank(self, service: EmbeddingService, pairs: list[tuple[str, list[str]]], truncate: bool,
                       direction: int, raw_scores: bool, return_text: bool,
@@ -175,7 +178,7 @@ class TeiCalls:
         (query, texts), = pairs
         body = _forward_body(truncate, direction, query=query, texts=texts, raw_scores=raw_scores,
                              return_text=return_text)
-        answer = await service.pool.post("/rerank", body, weight=sum(map(service.estimate, [query, *texts])))
+        answer: Any = await service.pool.post("/rerank", body, weight=sum(map(service.estimate, [query, *texts])))
         if not isinstance(answer, list):
             raise errors.backend("upstream answered /rerank with no list")
         ranks = []
@@ -206,7 +209,7 @@ class TeiCalls:
     async def decode(self, service: EmbeddingService, req: pb.DecodeRequest) -> pb.DecodeResponse:
         """Token ids back to text (forwarded)."""
         body = {"ids": list(req.ids), "skip_special_tokens": req.skip_special_tokens}
-        answer = await service.pool.post("/decode", body, weight=len(req.ids))
+        answer: Any = await service.pool.post("/decode", body, weight=len(req.ids))
         if isinstance(answer, list) and answer:
             answer = answer[0]
         if not isinstance(answer, str):

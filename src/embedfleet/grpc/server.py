@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,7 +62,8 @@ SERVICE_TASKS: dict[str, tuple[str, ...] | None] = {
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handlers = dict[str, grpc.RpcMethodHandler]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Handlers: TypeAlias = "dict[str, Handler]"
 
 
 def metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
@@ -179,11 +180,11 @@ class GrpcServer:
         if not self.auth.open:
             self.auth.check("POST", path, metadata(context, "authorization"))
 
-    def _wrap(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, service: str, name: str, handler: Handler) -> Handler:
         """The handler with the key check, the error's status code and the metrics around it."""
         path = f"/{service}/{name}"
         if handler.response_streaming:
-            stream_behavior = handler.unary_stream or handler.stream_stream
+            stream_behavior: Any = handler.unary_stream or handler.stream_stream
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
@@ -204,7 +205,7 @@ class GrpcServer:
 
             field = "unary_stream" if handler.unary_stream else "stream_stream"
             return handler._replace(**{field: streaming})  # type: ignore[attr-defined,no-any-return]
-        behavior = handler.unary_unary or handler.stream_unary
+        behavior: Any = handler.unary_unary or handler.stream_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -442,17 +443,17 @@ class GrpcServer:
             await self.server.stop(grace)
 
 
-def _uu(fn: Callable[..., Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+def _uu(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                response_serializer=resp.SerializeToString)
 
 
-def _su(fn: Callable[..., Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+def _su(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.stream_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                 response_serializer=resp.SerializeToString)
 
 
-def _ss(fn: Callable[..., Any], req: Any, resp: Any) -> grpc.RpcMethodHandler:
+def _ss(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.stream_stream_rpc_method_handler(fn, request_deserializer=req.FromString,
                                                  response_serializer=resp.SerializeToString)
 
