@@ -42,25 +42,25 @@ class GrpcGateway(GatewayProcess):
                                                            ("grpc.max_send_message_length", MAX_MESSAGE)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def embedders(start_worker: object, tiny_models: dict[str, Path]) -> list[WorkerProcess]:
     """Two replicas of a tiny CLS-pooling embedder (32 dimensions)."""
     return [start_worker("--model", str(tiny_models["cls"]), "--backend", "torch") for _ in range(2)]  # type: ignore[operator]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ranker(start_worker: object, tiny_models: dict[str, Path]) -> WorkerProcess:
     """A tiny reranker (it also serves /predict)."""
     return start_worker("--model", str(tiny_models["reranker"]), "--backend", "torch")  # type: ignore[operator, no-any-return]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def splade(start_worker: object, tiny_models: dict[str, Path]) -> WorkerProcess:
     """A tiny SPLADE model."""
     return start_worker("--model", str(tiny_models["splade"]), "--backend", "torch")  # type: ignore[operator, no-any-return]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gateway(embedders: list[WorkerProcess], ranker: WorkerProcess, splade: WorkerProcess,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcGateway]:
     """Pools ``embed`` (two replicas), ``ranker`` and ``splade``, memory cache, gRPC on."""

@@ -126,8 +126,8 @@ def test_multiplexer_targets_and_every_method(gateway: GrpcGateway, grpc_stubs: 
     assert len(streamed) == 4
     assert m.EmbedSparse(mx.EmbedSparseRequest(target=sparse_t, request=tei.EmbedSparseRequest(inputs="x"))) \
         .sparse_embeddings
-    assert len(list(m.EmbedSparseStream(iter([mx.EmbedSparseRequest(target=sparse_t,
-                                                                    request=tei.EmbedSparseRequest(inputs="x"))])))) == 1
+    sparse_req = mx.EmbedSparseRequest(target=sparse_t, request=tei.EmbedSparseRequest(inputs="x"))
+    assert len(list(m.EmbedSparseStream(iter([sparse_req])))) == 1
     assert m.EmbedAll(mx.EmbedAllRequest(target=embed_t, request=tei.EmbedAllRequest(inputs="x"))).token_embeddings
     assert len(list(m.EmbedAllStream(iter([mx.EmbedAllRequest(target=embed_t,
                                                               request=tei.EmbedAllRequest(inputs="x"))] * 2)))) == 2

@@ -125,7 +125,7 @@ def _write(batch: pa.RecordBatch, compressed: bool) -> bytes:
 
 def write_dense(matrix: np.ndarray, compressed: bool) -> bytes:
     """One record batch: ``embeddings`` as FixedSizeList<float32, dim>."""
-    rows, dim = matrix.shape
+    dim = matrix.shape[1]
     values = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1), type=pa.float32())
     column = pa.FixedSizeListArray.from_arrays(values, dim)
     return _write(pa.RecordBatch.from_arrays([column], names=["embeddings"]), compressed)

@@ -415,9 +415,10 @@ class GrpcServer:
     async def start(self) -> None:
         """Listen on ``--grpc-port`` (TLS and mTLS as the HTTP server) and follow the pools' health."""
         limit = self.settings.grpc_max_message_bytes
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                          ("grpc.max_send_message_length", limit),
-                                          ("grpc.so_reuseport", 0)])
+        # Beyond --max-concurrent-requests calls under way, grpc answers RESOURCE_EXHAUSTED (HTTP's 429).
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(maximum_concurrent_rpcs=self.settings.max_concurrent_requests, options=options)
         for service, handlers in self.services().items():
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
             server.add_registered_method_handlers(service, handlers)
