@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 from embedfleet import __version__
 from embedfleet.cache.memory import TOKENS, VECTOR
@@ -43,6 +45,25 @@ def _forward_body(truncate: bool, direction: int, **fields: Any) -> dict[str, An
         body["truncate"] = True
     body["truncation_direction"] = _direction(direction).value.capitalize()
     return body
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def embed_response(vector: np.ndarray, metadata: pb.Metadata) -> bytes:
+    """A serialised ``EmbedResponse``, written straight from the vector's float32 bytes: field 1
+    (``embeddings``, packed little-endian floats), then field 2 (``metadata``). The same bytes as
+    ``EmbedResponse(embeddings=..., metadata=...).SerializeToString()``, without a float object per
+    dimension (the cache keeps the vectors as float32 bytes already)."""
+    data = vector.astype("<f4", copy=False).tobytes()
+    meta = metadata.SerializeToString()
+    return b"\x0a" + _varint(len(data)) + data + b"\x12" + _varint(len(meta)) + meta
 
 
 def _metadata(started: int, chars: int, tokens: int = 0) -> pb.Metadata:
@@ -93,8 +114,8 @@ class TeiCalls:
             max_client_batch_size=self.max_client_batch_size,
             tokenization_workers=int(raw.get("tokenization_workers") or 0), **optional)
 
-    async def embed(self, service: EmbeddingService, req: pb.EmbedRequest, policy: CachePolicy) -> pb.EmbedResponse:
-        """One text's pooled embedding, through the cache."""
+    async def embed(self, service: EmbeddingService, req: pb.EmbedRequest, policy: CachePolicy) -> bytes:
+        """One text's pooled embedding, through the cache: a serialised ``EmbedResponse``."""
         started = time.perf_counter_ns()
         result = await service.embed(
             [req.inputs], normalize=req.normalize if req.HasField("normalize") else True,
@@ -102,8 +123,7 @@ class TeiCalls:
             prompt_name=req.prompt_name if req.HasField("prompt_name") else None,
             dimensions=req.dimensions if req.HasField("dimensions") else None, policy=policy)
         row = result.rows[0]
-        return pb.EmbedResponse(embeddings=row[VECTOR].tolist(),  # type: ignore[union-attr]
-                                metadata=_metadata(started, len(req.inputs), row[TOKENS]))
+        return embed_response(cast(np.ndarray, row[VECTOR]), _metadata(started, len(req.inputs), row[TOKENS]))
 
     async def embed_sparse(self, service: EmbeddingService, req: pb.EmbedSparseRequest) -> pb.EmbedSparseResponse:
         """One text's SPLADE vector (forwarded)."""

@@ -153,6 +153,7 @@ class GrpcServer:
                                 ["method", "code"], registry=registry)
         self.durations = Histogram("embedfleet_grpc_request_duration_seconds", "gRPC call duration",
                                    ["method", "code"], registry=registry)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -161,8 +162,12 @@ class GrpcServer:
     # -- wrapping: auth, status codes, metrics ------------------------------------------------------
 
     def _observe(self, method: str, code: str, started: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.durations.labels(method, code).observe(time.perf_counter() - started)
+        children = self._children.get((method, code))
+        if children is None:  # labels() costs more than the increment: each pair is looked up once
+            children = self._children[method, code] = (self.requests.labels(method, code),
+                                                       self.durations.labels(method, code))
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     @staticmethod
     def _code(method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str | None]:
@@ -249,10 +254,10 @@ class GrpcServer:
         async def info(req: pb.InfoRequest, ctx: Any) -> pb.InfoResponse:
             return calls.info(pick("/info", ctx))
 
-        async def embed(req: pb.EmbedRequest, ctx: Any) -> pb.EmbedResponse:
+        async def embed(req: pb.EmbedRequest, ctx: Any) -> bytes:  # a serialised EmbedResponse
             return await calls.embed(pick("/embed", ctx), req, policy(ctx))
 
-        def embed_stream(reqs: AsyncIterator[pb.EmbedRequest], ctx: Any) -> AsyncIterator[pb.EmbedResponse]:
+        def embed_stream(reqs: AsyncIterator[pb.EmbedRequest], ctx: Any) -> AsyncIterator[bytes]:
             service, cache = pick("/embed", ctx), policy(ctx)
             return ordered(reqs, lambda r: calls.embed(service, r, cache))
 
@@ -444,19 +449,28 @@ class GrpcServer:
             await self.server.stop(grace)
 
 
+def _serializer(resp: Any) -> Callable[[Any], bytes]:
+    """A message's serializer that also passes answers already serialised (``Embed``'s) through."""
+    serialize = resp.SerializeToString
+
+    def run(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)  # type: ignore[no-any-return]
+    return run
+
+
 def _uu(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
-                                               response_serializer=resp.SerializeToString)
+                                               response_serializer=_serializer(resp))
 
 
 def _su(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.stream_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
-                                                response_serializer=resp.SerializeToString)
+                                                response_serializer=_serializer(resp))
 
 
 def _ss(fn: Callable[..., Any], req: Any, resp: Any) -> Handler:
     return grpc.stream_stream_rpc_method_handler(fn, request_deserializer=req.FromString,
-                                                 response_serializer=resp.SerializeToString)
+                                                 response_serializer=_serializer(resp))
 
 
 def service_names(handlers: Mapping[str, Handlers]) -> list[str]:
