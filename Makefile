@@ -53,6 +53,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/worker.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gateway.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scaling.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/grpc_bench.py
 
 ## Regenerate the gRPC modules (committed, so users need no protoc) from src/embedfleet/grpc/proto/*.proto.
 proto: install

@@ -157,7 +157,8 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
 
     gateway = build_gateway(gateway_settings, dynamic=True, on_startup=on_startup, on_shutdown=on_shutdown,
                             collectors=[collector])
-    supervisor = Supervisor(SupervisorSettings.of(fleet, gpus, reserved_ports=frozenset({gateway_settings.port})),
+    supervisor = Supervisor(SupervisorSettings.of(fleet, gpus, reserved_ports=frozenset(
+        {gateway_settings.port, *([gateway_settings.grpc_port] if gateway_settings.grpc_port else [])})),
                             gateway.router, on_change=persist)
     registry = ModelRegistry(on_change=persist)
     collector.supervisor = supervisor
