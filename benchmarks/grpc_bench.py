@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ from gateway import process_cpu_s, server_process
 from loadgen import Connection, build_requests
 from rich.console import Console
 from rich.table import Table
-from worker import CLIENTS, free_port, make_texts, worker_process
+from worker import CLIENTS, _exit_on_sigterm, free_port, make_texts, worker_process
 
 from embedfleet.grpc import client
 
@@ -245,7 +246,8 @@ async def embed_section(args: argparse.Namespace, log: Console) -> list[Run]:
 async def arrow_hits_section(args: argparse.Namespace, log: Console) -> list[Run]:
     with tempfile.TemporaryDirectory() as tmp:
         model = fast_model(Path(tmp) / "fast-384")
-        with worker_process(["--model", str(model), *WORKER_ARGS[:4], "--max-client-batch-size", "256"]) as w, \
+        with worker_process(["--model", str(model), "--pooling", "mean", *WORKER_ARGS[:4], "--max-client-batch-size",
+                             "256"]) as w, \
                 gateway(w.url) as (url, target, pid):
             base = make_texts("short", 2_000)
             texts = [f"arrow hit {i} {base[i % len(base)]}" for i in range(args.arrow_hits)]
@@ -290,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests (20,000 Arrow hits)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwind, so the context managers stop the processes
     quick = args.quick
     args.hit_texts, args.hit_1, args.hit_32 = 512, (2_000 if quick else 8_000), (200 if quick else 800)
     args.cold_1, args.cold_32 = (200 if quick else 400), (20 if quick else 40)
