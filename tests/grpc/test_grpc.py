@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.gateway.support import metric_value, wait_for
 from tests.grpc.conftest import GrpcGateway
+from tests.helpers import WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +159,25 @@ def test_stream_keeps_order(gateway: GrpcGateway, grpc_stubs: SimpleNamespace) -
     streamed = [list(r.embeddings) for r in embed.EmbedStream(iter([tei.EmbedRequest(inputs=t) for t in texts]))]
     http = gateway.post("/embed", {"inputs": texts}).json()
     assert np.allclose(np.asarray(streamed), np.asarray(http), atol=1e-6)
+
+
+def test_embed_stream_batches_what_arrives_together(gateway: GrpcGateway, embedders: list[WorkerProcess],
+                                                   grpc_stubs: SimpleNamespace) -> None:
+    """32 new texts streamed at once reach the workers in a few calls, not 32; an error names its message."""
+    tei = grpc_stubs.tei
+    embed = grpc_stubs.tei_grpc.EmbedStub(gateway.channel())
+    before = sum(w.metric("te_request_count_total") for w in embedders)
+    texts = [f"batched stream text {i}" for i in range(32)]
+    answers = list(embed.EmbedStream(iter([tei.EmbedRequest(inputs=t) for t in texts])))
+    calls = sum(w.metric("te_request_count_total") for w in embedders) - before
+    assert len(answers) == 32 and calls <= 8, f"{calls} worker calls for 32 streamed texts"
+    assert np.allclose([list(a.embeddings) for a in answers], gateway.post("/embed", {"inputs": texts}).json(),
+                       atol=1e-6)
+    bad = [tei.EmbedRequest(inputs=t) for t in ["fine 1", "fine 2", "", "fine 3"]]
+    with pytest.raises(grpc.RpcError) as info:
+        list(embed.EmbedStream(iter(bad)))
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "(message 2)" in err.details()
 
 
 def test_stream_back_pressure_and_cancellation(gateway: GrpcGateway, grpc_stubs: SimpleNamespace) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from embedfleet import __version__
 from embedfleet.cache.memory import TOKENS, VECTOR
 from embedfleet.engine import errors
+from embedfleet.engine.errors import EngineError
 from embedfleet.engine.tokenization import TruncationDirection
 from embedfleet.gateway.service import CachePolicy, EmbeddingService
 from embedfleet.gateway.upstream import UpstreamInfo
@@ -124,6 +125,40 @@ class TeiCalls:
             dimensions=req.dimensions if req.HasField("dimensions") else None, policy=policy)
         row = result.rows[0]
         return embed_response(cast(np.ndarray, row[VECTOR]), _metadata(started, len(req.inputs), row[TOKENS]))
+
+    async def embed_many(self, items: Sequence[tuple[EmbeddingService, pb.EmbedRequest]],
+                         policy: CachePolicy, first: int = 0) -> list[bytes]:
+        """Several ``Embed`` requests (a stream's, as they arrived), answered in order: those for the same
+        pool with the same parameters go through the cache as one batch. An error about one text names
+        its message in the stream (``message N``; ``first``: the stream position of ``items[0]``)."""
+        started = time.perf_counter_ns()
+        groups: dict[tuple[int, bool, bool | None, int, str | None, int | None], list[int]] = {}
+        for i, (service, req) in enumerate(items):
+            key = (id(service), req.normalize if req.HasField("normalize") else True, _truncate(req.truncate),
+                   int(req.truncation_direction), req.prompt_name if req.HasField("prompt_name") else None,
+                   req.dimensions if req.HasField("dimensions") else None)
+            groups.setdefault(key, []).append(i)
+
+        async def group(key: tuple[int, bool, bool | None, int, str | None, int | None],
+                        positions: list[int]) -> list[Any]:
+            _, normalize, truncate, direction, prompt_name, dimensions = key
+            try:
+                result = await items[positions[0]][0].embed(
+                    [items[i][1].inputs for i in positions], normalize=normalize, truncate=truncate,
+                    direction=_direction(direction), prompt_name=prompt_name, dimensions=dimensions, policy=policy)
+            except EngineError as exc:
+                if exc.input is None:
+                    raise
+                raise EngineError(exc.kind, f"{exc.detail} (message {first + positions[exc.input]})") from None
+            return result.rows
+
+        answers: list[bytes] = [b""] * len(items)
+        keys = list(groups)
+        for key, rows in zip(keys, await asyncio.gather(*(group(k, groups[k]) for k in keys)), strict=True):
+            for i, row in zip(groups[key], rows, strict=True):
+                answers[i] = embed_response(cast(np.ndarray, row[VECTOR]),
+                                            _metadata(started, len(items[i][1].inputs), row[TOKENS]))
+        return answers
 
     async def embed_sparse(self, service: EmbeddingService, req: pb.EmbedSparseRequest) -> pb.EmbedSparseResponse:
         """One text's SPLADE vector (forwarded)."""
