@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: install serve test lint bench clean debian-packages redis-server
+.PHONY: install serve test lint bench clean debian-packages redis-server proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/worker.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gateway.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/scaling.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/grpc_bench.py
+
+## Regenerate the gRPC modules (committed, so users need no protoc) from src/embedfleet/grpc/proto/*.proto.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src \
+	    src/embedfleet/grpc/proto/tei.proto src/embedfleet/grpc/proto/tei_multiplexer.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

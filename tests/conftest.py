@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 from tests.helpers import WorkerProcess
 
+PROTOS = Path(__file__).parent / "data" / "proto"
 DEFAULT_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -119,3 +123,25 @@ def start_worker(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def grpc_stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """gRPC client stubs generated at test time from the reference protos (tests/data/proto, copied from TEI and
+    the TEI manager), so the clients share nothing with embedfleet's own copies (which the test process never
+    imports: both define the same messages). ``tei`` (tei.v1 messages), ``tei_grpc`` (its stubs), ``mx`` and
+    ``mx_grpc`` (tei_multiplexer.v1)."""
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("grpc-stubs")
+    files = ["tei/v1/tei.proto", "tei_multiplexer/v1/multiplexer.proto"]
+    code = protoc.main(["protoc", f"-I{PROTOS}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
+    assert code == 0, "protoc failed on the reference protos"
+    sys.path.insert(0, str(out))
+    modules: dict[str, ModuleType] = {
+        "tei": importlib.import_module("tei.v1.tei_pb2"),
+        "tei_grpc": importlib.import_module("tei.v1.tei_pb2_grpc"),
+        "mx": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2"),
+        "mx_grpc": importlib.import_module("tei_multiplexer.v1.multiplexer_pb2_grpc"),
+    }
+    return SimpleNamespace(**modules)

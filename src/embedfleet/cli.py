@@ -35,7 +35,7 @@ app = typer.Typer(help="embedfleet: self-hosted text-embedding serving.", no_arg
 err = Console(stderr=True)
 out = Console()
 
-SERVE_GATEWAY_OPTIONS = ("host", "port", "cache", "api_key", "admin_key")
+SERVE_GATEWAY_OPTIONS = ("host", "port", "grpc_port", "cache", "api_key", "admin_key")
 """The gateway settings ``embedfleet serve`` takes as flags (the rest: ``[gateway]`` or the environment)."""
 
 

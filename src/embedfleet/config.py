@@ -291,6 +291,12 @@ class GatewaySettings(Settings):
     admin_key: str | None = Field(None, description="key for admin routes; unset: they are off")
     cors_origin: list[str] = Field(default_factory=list, description="origin browsers may call from, repeated "
                                                                      "(default: none)")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="port of the gRPC server (TEI's tei.v1, the TEI "
+                                  "manager's tei_multiplexer.v1, health, reflection) on --host; unset or 0: off")
+    grpc_max_message_bytes: int = Field(256 * 1024 * 1024, ge=4096, description="largest gRPC message, in and out "
+                                        "(an Arrow answer of N rows takes N x dimension x 4 bytes)")
+    arrow_max_rows: int = Field(100_000, ge=1, description="rows an Arrow batch (EmbedArrow, POST /embed_arrow) may "
+                                "carry")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain): serve HTTPS")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed (mTLS)")

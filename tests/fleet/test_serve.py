@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -24,9 +25,10 @@ from tests.helpers import ServeProcess, free_port
 pytestmark = pytest.mark.slow
 
 ERROR_KEYS = {"error", "code", "timestamp"}
+GRPC_PORT = free_port()
 
 
-def _config(tmp: Path, reranker: Path, low: int) -> Path:
+def _config(tmp: Path, reranker: Path, low: int, grpc_port: int) -> Path:
     path = tmp / "embedfleet.toml"
     path.write_text(f"""
 [fleet]
@@ -54,6 +56,7 @@ backend = "torch"
 
 [gateway]
 cache = "lmdb://{tmp / 'cache'}"
+grpc_port = {grpc_port}
 """)
     return path
 
@@ -62,7 +65,7 @@ cache = "lmdb://{tmp / 'cache'}"
 def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path],
           data_dir: Path) -> Iterator[ServeProcess]:
     tmp = tmp_path_factory.mktemp("fleet")
-    config = _config(tmp, tiny_models["reranker"], 21000 + free_port() % 20000)
+    config = _config(tmp, tiny_models["reranker"], 21000 + free_port() % 20000, GRPC_PORT)
     proc = ServeProcess(["--config", str(config)], data_dir, tmp / "log",
                         env={"EMBEDFLEET_FLEET_DATA_DIR": str(data_dir)})
     with proc:
@@ -98,6 +101,27 @@ def test_serve_is_ready_embeds_hits_and_reranks(fleet: ServeProcess) -> None:
     assert models == {"default", "reranker"}
     assert fleet.metric("embedfleet_instances", state="running") == 3
     assert fleet.metric("embedfleet_instance_up", instance="rerank") == 1
+
+
+def test_grpc_targets_name_the_fleets_instances(fleet: ServeProcess, grpc_stubs: SimpleNamespace) -> None:
+    """A multiplexer Target names an instance (by name or index), whose pool serves the request."""
+    import grpc
+
+    mx, tei = grpc_stubs.mx, grpc_stubs.tei
+    assert f"gRPC on 127.0.0.1:{GRPC_PORT}" in fleet.log()
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        m = grpc_stubs.mx_grpc.TeiMultiplexerStub(channel)
+        assert m.Info(mx.InfoRequest(target=mx.Target(instance_name="rerank"))).model_type == tei.MODEL_TYPE_RERANKER
+        names = [i["name"] for i in fleet.admin("GET", "/instances").json()["instances"]]
+        for i, name in enumerate(names):
+            by_index = m.Info(mx.InfoRequest(target=mx.Target(instance_index=i)))
+            assert by_index.model_type == (tei.MODEL_TYPE_RERANKER if name == "rerank" else tei.MODEL_TYPE_EMBEDDING)
+        one = m.Embed(mx.EmbedRequest(target=mx.Target(instance_name="embed-1"), request=tei.EmbedRequest(inputs="x")))
+        assert len(one.embeddings) == 384
+        with pytest.raises(grpc.RpcError) as info:
+            m.Info(mx.InfoRequest(target=mx.Target(instance_name="nope")))
+        err: Any = info.value
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "embed-0 (default)" in err.details()
 
 
 def test_admin_api_error_codes(fleet: ServeProcess) -> None:

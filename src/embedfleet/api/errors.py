@@ -80,6 +80,22 @@ STATUS: dict[ErrorKind | EdgeKind | FleetErrorCode, int] = {
 }
 """The one map from an error to its HTTP status."""
 
+GRPC_CODE: dict[ErrorKind | EdgeKind, str] = {
+    ErrorKind.EMPTY: "INVALID_ARGUMENT",
+    ErrorKind.VALIDATION: "INVALID_ARGUMENT",
+    ErrorKind.TOKENIZER: "FAILED_PRECONDITION",
+    ErrorKind.BACKEND: "FAILED_PRECONDITION",
+    ErrorKind.OVERLOADED: "RESOURCE_EXHAUSTED",
+    ErrorKind.UNHEALTHY: "UNAVAILABLE",
+    EdgeKind.NOT_FOUND: "NOT_FOUND",
+    EdgeKind.METHOD_NOT_ALLOWED: "UNIMPLEMENTED",
+    EdgeKind.PAYLOAD_TOO_LARGE: "RESOURCE_EXHAUSTED",
+    EdgeKind.UNAUTHORIZED: "UNAUTHENTICATED",
+    EdgeKind.FORBIDDEN: "PERMISSION_DENIED",
+}
+"""The one map from an engine or edge error to its gRPC status code (a ``grpc.StatusCode`` name), as TEI's
+gRPC server maps its kinds; the gRPC edge (``embedfleet.grpc``) reads it through :func:`grpc_code_of`."""
+
 ADMIN_CODE: dict[ErrorKind | EdgeKind, FleetErrorCode] = {
     ErrorKind.EMPTY: FleetErrorCode.VALIDATION_ERROR,
     ErrorKind.VALIDATION: FleetErrorCode.VALIDATION_ERROR,
@@ -121,6 +137,11 @@ def status_of(exc: ClientError, shape: Shape = Shape.TEI) -> int:
     if isinstance(exc, FleetError):
         return STATUS[exc.code]
     return STATUS[ADMIN_CODE[exc.kind]] if shape is Shape.ADMIN else STATUS[exc.kind]
+
+
+def grpc_code_of(exc: EngineError | EdgeError) -> str:
+    """The gRPC status code (its ``grpc.StatusCode`` name) of an engine or edge error."""
+    return GRPC_CODE[exc.kind]
 
 
 def body_of(exc: ClientError, shape: Shape) -> dict[str, Any]:

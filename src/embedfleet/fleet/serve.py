@@ -127,7 +127,8 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
                 server.should_exit = True
             return
         models = sorted({i.spec.pool for i in running})
-        message = (f"ready: {url} ({len(running)}/{len(instances)} instance(s) running; "
+        grpc = f"; gRPC on {gateway_settings.host}:{gateway_settings.grpc_port}" if gateway_settings.grpc_port else ""
+        message = (f"ready: {url} ({len(running)}/{len(instances)} instance(s) running{grpc}; "
                    f"models: {', '.join(models) or 'none'}; admin API at {url}/admin/instances)")
         console.print(f"[bold green]{message}[/]" if not failed else f"[bold yellow]{message}[/]")
         log.info("%s", message)
@@ -156,10 +157,12 @@ def run_serve(fleet: FleetSettings, gateway_settings: GatewaySettings, console: 
 
     gateway = build_gateway(gateway_settings, dynamic=True, on_startup=on_startup, on_shutdown=on_shutdown,
                             collectors=[collector])
-    supervisor = Supervisor(SupervisorSettings.of(fleet, gpus, reserved_ports=frozenset({gateway_settings.port})),
+    supervisor = Supervisor(SupervisorSettings.of(fleet, gpus, reserved_ports=frozenset(
+        {gateway_settings.port, *([gateway_settings.grpc_port] if gateway_settings.grpc_port else [])})),
                             gateway.router, on_change=persist)
     registry = ModelRegistry(on_change=persist)
     collector.supervisor = supervisor
+    gateway.targets.instances = lambda: [(i.name, i.spec.pool) for i in supervisor.instances.values()]
     install_admin(gateway.app, supervisor, registry, gateway.auth)
 
     def force() -> None:

@@ -49,7 +49,7 @@ class GatewayApp(FastAPI):
 
 def create_gateway_app(router_: ModelRouter, cache: TieredCache, payload_limit: int, max_client_batch_size: int,
                        auth: Auth, max_concurrent_requests: int | None = None, cache_enabled: bool = True,
-                       cors_origins: Sequence[str] = (),
+                       cors_origins: Sequence[str] = (), arrow_max_rows: int = 100_000,
                        on_startup: Hook | None = None, on_shutdown: Hook | None = None,
                        collectors: Sequence[Collector] = ()) -> FastAPI:
     """The gateway's FastAPI application over the model pools (``collectors``: more for /metrics).
@@ -60,7 +60,7 @@ def create_gateway_app(router_: ModelRouter, cache: TieredCache, payload_limit: 
     """
     app = GatewayApp(title="embedfleet gateway", version=__version__, lifespan=lifespan(on_startup, on_shutdown),
                   description="Caching, load-balancing entry point in front of embedfleet workers or TEI servers.")
-    state = GatewayState(router_, cache, max_client_batch_size, cache_enabled)
+    state = GatewayState(router_, cache, max_client_batch_size, cache_enabled, arrow_max_rows)
     app.state.gateway = state
     state.metrics.register(GatewayCollector(router_, cache))
     for collector in collectors:

@@ -37,6 +37,7 @@ from embedfleet.gateway.render import cache_headers, render_embed, render_openai
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import CachePolicy, EmbeddingService, EmbedResult
 from embedfleet.gateway.upstream import Reply
+from embedfleet.grpc import arrow
 
 PASSTHROUGH = ("/embed_all", "/embed_sparse", "/rerank", "/predict", "/similarity", "/tokenize", "/decode")
 """TEI routes the gateway forwards to the model's pool unchanged."""
@@ -53,6 +54,7 @@ class GatewayState:
     cache: TieredCache
     max_client_batch_size: int
     cache_enabled: bool = True
+    arrow_max_rows: int = 100_000
     metrics: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
 
     def policy(self, cache_control: str | None) -> CachePolicy:
@@ -113,6 +115,35 @@ async def openai_embeddings(req: OpenAIEmbeddingRequest, request: Request, state
     """OpenAI-compatible embeddings, from the cache where possible; ``model`` picks the pool."""
     service = state.pick(request.url.path, request.headers.get("x-model"), req.model)
     return _cached(*await embed_openai(service, req, state.policy(request.headers.get("cache-control"))))
+
+
+ARROW_BODY = {"requestBody": {"required": True, "content": {arrow.MEDIA_TYPE: {"schema": {"type": "string",
+                                                                                         "format": "binary"}}}}}
+ARROW_ANSWER = {200: {"content": {arrow.MEDIA_TYPE: {}}, "description": "An Arrow IPC stream"}, **TEI_ERRORS}
+
+
+@router.post("/embed_arrow", responses=ARROW_ANSWER, openapi_extra=ARROW_BODY, tags=["Arrow"])
+async def embed_arrow(request: Request, state: State, truncate: bool | None = None, normalize: bool = True,
+                      noop: bool = False) -> Response:
+    """Pooled embeddings of an Arrow IPC stream's `text` column, through the cache: one record batch with
+    `embeddings` as FixedSizeList<float32, dim>, in row order (LZ4_FRAME when the request was compressed).
+    ``noop``: zero vectors, for round-trip tests."""
+    service = state.pick("/embed", request.headers.get("x-model"))
+    body = await arrow.embed_arrow(service, await request.body(), truncate=truncate, normalize=normalize, noop=noop,
+                                   max_rows=state.arrow_max_rows,
+                                   policy=state.policy(request.headers.get("cache-control")))
+    return Response(body, media_type=arrow.MEDIA_TYPE)
+
+
+@router.post("/embed_sparse_arrow", responses=ARROW_ANSWER, openapi_extra=ARROW_BODY, tags=["Arrow"])
+async def embed_sparse_arrow(request: Request, state: State, truncate: bool | None = None,
+                             noop: bool = False) -> Response:
+    """SPLADE vectors of an Arrow IPC stream's `text` column: `sparse_embeddings` as
+    List<Struct<index: uint32, value: float32>>, in row order."""
+    service = state.pick("/embed_sparse", request.headers.get("x-model"))
+    body = await arrow.embed_sparse_arrow(service, await request.body(), truncate=truncate, noop=noop,
+                                          max_rows=state.arrow_max_rows)
+    return Response(body, media_type=arrow.MEDIA_TYPE)
 
 
 @router.post("/", responses=TEI_ERRORS, tags=["TEI"])

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,6 +22,10 @@ from embedfleet.gateway.app import create_gateway_app
 from embedfleet.gateway.router import ModelRouter
 from embedfleet.gateway.service import EmbeddingService
 from embedfleet.gateway.upstream import DNS_PREFIX, DnsName, Pool
+from embedfleet.grpc.targets import Targets
+
+if TYPE_CHECKING:
+    from embedfleet.grpc.server import GrpcServer
 
 log = logging.getLogger("embedfleet.gateway")
 
@@ -43,12 +48,14 @@ def parse_upstreams(specs: list[str]) -> dict[str, list[str]]:
 
 @dataclass
 class Gateway:
-    """The gateway app and the parts the fleet drives: the model router, the cache and the keys."""
+    """The gateway app and the parts the fleet drives: the model router, the cache, the keys and the gRPC
+    targets (the fleet tells them its instances)."""
 
     app: FastAPI
     router: ModelRouter
     cache: TieredCache
     auth: Auth
+    targets: Targets
 
 
 Hook = Callable[[], Awaitable[None]]
@@ -80,6 +87,16 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
                          factory=new_service if dynamic else None)
     api_keys = [*settings.api_key, *(read_key_file(settings.api_key_file) if settings.api_key_file else [])]
     auth = Auth(api_keys, settings.admin_key)
+    targets = Targets(router)
+    grpc_servers: list[GrpcServer] = []
+
+    async def start_grpc() -> None:
+        # Imported here: only a gateway that serves gRPC loads the protobuf modules.
+        from embedfleet.grpc.server import GrpcServer
+
+        server = GrpcServer(app.state.gateway, auth, targets, settings, app.state.gateway.metrics)
+        await server.start()
+        grpc_servers.append(server)
 
     async def startup() -> None:
         await asyncio.gather(*(p.start() for p in pools))
@@ -92,12 +109,16 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
         log.info("gateway on %s://%s:%d, cache=%s (memory tier %d MiB), %d model(s)",
                  "https" if settings.tls_cert else "http", settings.host, settings.port, settings.cache,
                  settings.memory_cache_bytes // (1024 * 1024), len(pools))
+        if settings.grpc_port:
+            await start_grpc()
         if on_startup is not None:
             await on_startup()
         freeze_startup_objects()
 
     async def shutdown() -> None:
         try:
+            for server in grpc_servers:
+                await server.stop()
             if on_shutdown is not None:
                 await on_shutdown()
         finally:
@@ -107,8 +128,9 @@ def build_gateway(settings: GatewaySettings, dynamic: bool = False, on_startup: 
     app = create_gateway_app(router, cache, settings.payload_limit, settings.max_client_batch_size,
                              auth=auth, max_concurrent_requests=settings.max_concurrent_requests,
                              cache_enabled=settings.cache != "none", cors_origins=settings.cors_origin,
+                             arrow_max_rows=settings.arrow_max_rows,
                              on_startup=startup, on_shutdown=shutdown, collectors=collectors)
-    return Gateway(app, router, cache, auth)
+    return Gateway(app, router, cache, auth, targets)
 
 
 def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:

@@ -179,9 +179,13 @@ class EmbeddingService:
 
     async def embed(self, inputs: Sequence[str | list[int]], *, normalize: bool = True, truncate: bool | None = None,
                     direction: TruncationDirection = TruncationDirection.RIGHT, prompt_name: str | None = None,
-                    dimensions: int | None = None, policy: CachePolicy = CachePolicy()) -> EmbedResult:
-        """Vectors for the inputs, from the cache where possible: key, look up, claim, compute, merge."""
-        errors.check_batch_size(len(inputs), self.max_client_batch_size)
+                    dimensions: int | None = None, policy: CachePolicy = CachePolicy(),
+                    max_inputs: int | None = None) -> EmbedResult:
+        """Vectors for the inputs, from the cache where possible: key, look up, claim, compute, merge.
+
+        ``max_inputs``: the most inputs the request may carry, where not the gateway's
+        ``max_client_batch_size`` (Arrow batches have their own row limit)."""
+        errors.check_batch_size(len(inputs), max_inputs or self.max_client_batch_size)
         info = self._info()
         errors.check_token_ids(count_token_ids(inputs), self.max_token_ids(info))
         if truncate is None:
@@ -205,6 +209,29 @@ class EmbeddingService:
         computed = await self._compute_own(request, mine, body, policy, request.raw)
         shared = await self._await_shared(request, waiting, body, policy)
         return self._merge(request, found, from_memory, mine, computed, shared)
+
+    async def forward_batched(self, route: str, body: dict[str, Any], inputs: Sequence[str]) -> list[Any]:
+        """A passthrough route's answers for many inputs (``body`` plus ``inputs``), in input order: the inputs
+        cut into calls of the replicas' ``max_client_batch_size``, sent to the pool in parallel (for the sparse
+        Arrow batches, whose route the gateway does not cache). An error about one input names its position."""
+        info = self._info()
+        size = max(1, info.max_client_batch_size)
+        estimate = self.estimate
+
+        async def call(start: int) -> list[Any]:
+            chunk = list(inputs[start:start + size])
+            try:
+                answer: Any = await self.pool.post(route, {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)))
+            except EngineError as exc:
+                if exc.input is None:
+                    raise
+                raise exc.at(start + exc.input if 0 <= exc.input < len(chunk) else None) from None
+            if not isinstance(answer, list) or len(answer) != len(chunk):
+                raise errors.backend(f"upstream answered {route} with no list of {len(chunk)} rows")
+            return answer
+
+        parts = await asyncio.gather(*(call(start) for start in range(0, len(inputs), size)))
+        return [row for part in parts for row in part]
 
     async def _lookup_rest(self, unique: list[bytes], entries: list[Entry | None],
                            missing: list[int]) -> tuple[dict[bytes, Entry], set[bytes]]:
