@@ -33,10 +33,10 @@ test: install lint debian-packages
 
 ## Debian packages the tests use for real: redis-server (the Redis cache tests start one), nginx and
 ## docker-compose (the `embedfleet deploy` tests run `nginx -t`, nginx itself, and `docker-compose config -q`,
-## which validates without a Docker engine). Installed with apt where missing (as root, or with password-less
+## which validates without a Docker engine), chromium (the code-search UI test). Installed with apt where missing (as root, or with password-less
 ## sudo), without recommends (docker-compose would pull the Docker engine); otherwise `make test` stops and
 ## says how, rather than skip them.
-DEBIAN_PACKAGES := redis-server:redis-server nginx:nginx docker-compose:docker-compose
+DEBIAN_PACKAGES := redis-server:redis-server nginx:nginx docker-compose:docker-compose chromium:chromium
 
 debian-packages:
 	@missing=""; for pair in $(DEBIAN_PACKAGES); do \

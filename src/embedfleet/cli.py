@@ -18,6 +18,7 @@ from embedfleet.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
     BenchSettings,
+    CodesearchSettings,
     ConfigError,
     FleetSettings,
     GatewaySettings,
@@ -393,6 +394,86 @@ def bench(settings: BenchSettings, *,
     except BenchError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+codesearch_app = typer.Typer(help="Code search: index repositories, search them by meaning (needs `pip install "
+                                    "'embedfleet[codesearch]'`).", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(codesearch_app, name="codesearch")
+_STORE_OPTIONS = ("data_dir", "qdrant", "qdrant_api_key", "collection")
+_SERVICE_OPTIONS = ("url", "api_key", "model", "replicas")
+INDEX_OPTIONS = (*_STORE_OPTIONS, *_SERVICE_OPTIONS, "concurrency", "batch_size", "max_lines", "window_lines",
+                 "overlap_lines")
+SEARCH_OPTIONS = (*_STORE_OPTIONS, *_SERVICE_OPTIONS, "reranker")
+UI_OPTIONS = (*SEARCH_OPTIONS, "host", "port")
+"""The code-search settings each ``codesearch`` command takes as flags."""
+
+
+def _codesearch(run: Callable[[], object]) -> None:
+    """Run a code-search command: its errors (and a missing extra) as one clear line, exit code 2."""
+    try:
+        run()
+    except ImportError as exc:
+        raise _fail(f"code search needs `pip install 'embedfleet[codesearch]'` ({exc})") from None
+    except Exception as exc:
+        from embedfleet.codesearch.errors import CodeSearchError
+
+        if isinstance(exc, CodeSearchError):
+            raise _fail(str(exc)) from None
+        raise
+
+
+@codesearch_app.command("index")
+@settings_command((CodesearchSettings, INDEX_OPTIONS))
+def codesearch_index(
+    settings: CodesearchSettings,
+    *,
+    path: Annotated[str, typer.Argument(help="a folder, a local git repository or a git URL (cloned)",
+                                        show_default=False)],
+    repo: Annotated[str | None, typer.Option(help="the repository's name in the index [default: the folder's "
+                                                  "name]", show_default=False)] = None,
+) -> None:
+    """Index a repository: only files changed since the last run are embedded; deleted files are removed."""
+    from embedfleet.codesearch import cli as codesearch
+
+    _codesearch(lambda: codesearch.run_index(settings, path, repo, err))
+
+
+@codesearch_app.command("search")
+@settings_command((CodesearchSettings, SEARCH_OPTIONS))
+def codesearch_search(
+    settings: CodesearchSettings,
+    *,
+    query: Annotated[str, typer.Argument(help="what the code does, in words", show_default=False)],
+    limit: Annotated[int, typer.Option("--limit", "-k", min=1, max=1000, help="results")] = 10,
+    repo: Annotated[str | None, typer.Option(help="only this repository", show_default=False)] = None,
+    language: Annotated[str | None, typer.Option(help="only this language (python, go, ...)",
+                                                 show_default=False)] = None,
+    rerank: Annotated[bool, typer.Option(help="re-order candidates with the reranker (--reranker)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Search the index by meaning: file:line, symbol, score and the code of the best chunks."""
+    from embedfleet.codesearch import cli as codesearch
+
+    _codesearch(lambda: codesearch.run_search(settings, query, limit=limit, repo=repo, language=language,
+                                              rerank=rerank, as_json=as_json, out=out, console=err))
+
+
+@codesearch_app.command("status")
+@settings_command((CodesearchSettings, _STORE_OPTIONS))
+def codesearch_status(settings: CodesearchSettings) -> None:
+    """The repositories in the index: files, chunks and languages."""
+    from embedfleet.codesearch import cli as codesearch
+
+    _codesearch(lambda: codesearch.run_status(settings, out))
+
+
+@codesearch_app.command("ui")
+@settings_command((CodesearchSettings, UI_OPTIONS))
+def codesearch_ui(settings: CodesearchSettings) -> None:
+    """Serve the search page (index status, a query box, highlighted results) until interrupted."""
+    from embedfleet.codesearch import cli as codesearch
+
+    _codesearch(lambda: codesearch.run_ui(settings, err))
 
 
 def main() -> None:  # pragma: no cover - console entry point

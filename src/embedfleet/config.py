@@ -6,8 +6,8 @@ validation and description, and everything else derives from it: the command's f
 (``--field-name``, see ``embedfleet.cli``), its environment variable (``EMBEDFLEET_<COMMAND>_FIELD_NAME``)
 and its key in the config file. Precedence: flags > environment > config file > defaults. The config
 file is TOML (``--config`` or ``EMBEDFLEET_CONFIG``, else ``./embedfleet.toml`` if present), with one
-table per command: ``[worker]``, ``[gateway]``, ``[fleet]``, ``[bench]`` (``embedfleet serve`` reads
-``[fleet]`` and ``[gateway]``).
+table per command: ``[worker]``, ``[gateway]``, ``[fleet]``, ``[bench]``, ``[codesearch]`` (``embedfleet serve``
+reads ``[fleet]`` and ``[gateway]``).
 """
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ def default_state_dir() -> Path:
     """Where the fleet keeps its desired state and instance logs."""
     xdg = os.environ.get("XDG_DATA_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "embedfleet" / "fleet"
+
+
+def default_codesearch_dir() -> Path:
+    """Where code search keeps its local index, clones and cache."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "embedfleet" / "codesearch"
 
 
 def load_config_table(path: str | Path | None, table: str) -> dict[str, Any]:
@@ -445,3 +451,44 @@ class BenchSettings(Settings):
             if path is not None and not path.is_file():
                 raise ValueError(f"file {path} does not exist")
         return self
+
+
+class CodesearchSettings(Settings):
+    """Settings of ``embedfleet codesearch`` (its ``[codesearch]`` table)."""
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDFLEET_CODESEARCH_")
+    table: ClassVar[str] = "codesearch"
+
+    data_dir: Path = Field(default_factory=default_codesearch_dir,
+                           description="the local index, cloned repositories and the local service's cache")
+    qdrant: str | None = Field(None, description="the index's Qdrant: qdrant://HOST:PORT (qdrants:// for HTTPS) for "
+                                                 "a server (default: qdrant+local://DATA_DIR/qdrant, embedded)")
+    qdrant_api_key: str | None = Field(None, description="the Qdrant server's API key")
+    collection: str = Field("codesearch", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the index's collection")
+    url: str | None = Field(None, description="an embedfleet gateway to embed with (default: start `embedfleet "
+                                              "serve` on a free loopback port for the command's duration)")
+    api_key: str | None = Field(None, description="the gateway's API key")
+    model: str | None = Field(None, description="the embedding model: its pool at --url (X-Model), or what the "
+                                                "local service serves (default: the default model)")
+    reranker: str | None = Field(None, description="the reranker for --rerank: its pool at --url, or a model "
+                                                   "(folder or hub id) the local service serves too")
+    replicas: int | None = Field(None, ge=1, le=64, description="embedding workers of the local service "
+                                                                "(default: one per CPU core)")
+    concurrency: int = Field(4, ge=1, le=64, description="embedding requests in flight while indexing")
+    batch_size: int = Field(32, ge=1, le=512, description="texts per embedding request")
+    max_lines: int = Field(80, ge=5, le=10000, description="lines of a definition kept in one chunk")
+    window_lines: int = Field(40, ge=5, le=10000, description="lines of a window (longer definitions, other files)")
+    overlap_lines: int = Field(10, ge=0, le=5000, description="lines shared by consecutive windows")
+    host: str = Field("127.0.0.1", description="address of `codesearch ui`")
+    port: int = Field(8765, ge=1, le=65535, description="port of `codesearch ui`")
+
+    @model_validator(mode="after")
+    def _windows(self) -> Self:
+        if self.overlap_lines >= self.window_lines:
+            raise ValueError("overlap_lines must be smaller than window_lines")
+        return self
+
+    @property
+    def qdrant_url(self) -> str:
+        """The index's Qdrant URL."""
+        return self.qdrant or f"qdrant+local://{self.data_dir / 'qdrant'}"
