@@ -127,3 +127,4 @@ def test_grpcs_with_mtls_and_api_key(worker: WorkerProcess, tmp_path: Path) -> N
 def test_bad_grpc_settings_are_clear_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["bench", *args, "--no-progress"], env={"COLUMNS": "200"})
     assert result.exit_code not in (0, 1) and message in " ".join(result.output.split()), result.output
+    assert "embedfleet.grpc.proto.tei_pb2" not in sys.modules  # refused before any gRPC mode was made
