@@ -383,7 +383,8 @@ def models_verify(model: str, url: UrlOption = DEFAULT_URL, admin_key: KeyOption
 @app.command()
 @settings_command(BenchSettings)
 def bench(settings: BenchSettings, *,
-          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT][/PREFIX].",
+          url: Annotated[str, typer.Argument(metavar="URL", help="The target's base URL: http(s)://HOST[:PORT]"
+                                             "[/PREFIX], grpc(s)://HOST:PORT for --mode grpc and arrow.",
                                              show_default=False)]) -> None:
     """Load-test an embedding endpoint (embedfleet, TEI, infinity, OpenAI-compatible): throughput, latency,
     errors and cache hits."""

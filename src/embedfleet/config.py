@@ -404,12 +404,19 @@ class BenchSettings(Settings):
 
     mode: str = Field("http", description="protocol: " + "; ".join(f"{k}: {v}" for k, v in _bench_modes().items()))
     encoding: Literal["float", "base64"] = Field("float", description="encoding_format of --mode openai")
-    model: str | None = Field(None, description="model to ask for (OpenAI's `model`; X-Model in --mode http)")
-    api_key: str | None = Field(None, description="sent as Authorization: Bearer KEY")
-    cacert: Path | None = Field(None, description="PEM CA bundle to verify an https:// target with")
+    model: str | None = Field(None, description="model to ask for (OpenAI's `model`; X-Model in --mode http and "
+                                                "arrow over HTTP; x-model metadata in --mode grpc; the Target's "
+                                                "model_id in --mode arrow over gRPC)")
+    target: str | None = Field(None, description="gRPC only: the tei_multiplexer.v1 Target to send, name=INSTANCE, "
+                                                 "model=MODEL_ID or index=N (--mode grpc then calls the "
+                                                 "multiplexer's Embed)")
+    arrow_compression: Literal["none", "lz4", "zstd"] = Field("none", description="compression of --mode arrow's "
+                                                              "IPC batches")
+    api_key: str | None = Field(None, description="sent as Authorization: Bearer KEY (gRPC: as metadata)")
+    cacert: Path | None = Field(None, description="PEM CA bundle to verify an https:// or grpcs:// target with")
     cert: Path | None = Field(None, description="PEM client certificate (mTLS; may hold the key too)")
     key: Path | None = Field(None, description="PEM private key of --cert")
-    insecure: bool = Field(False, description="do not verify the target's TLS certificate")
+    insecure: bool = Field(False, description="do not verify the target's TLS certificate (https:// only)")
     concurrency: int = Field(8, ge=1, le=10_000, description="clients (keep-alive connections); with --rate, "
                                                            "the most requests in flight")
     batch_size: int = Field(1, ge=1, le=100_000, description="texts per request")
@@ -443,10 +450,23 @@ class BenchSettings(Settings):
             raise ValueError(f"unknown mode {value!r}: one of {', '.join(modes)}")
         return value
 
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str | None) -> str | None:
+        if value is not None:
+            from embedfleet.bench.modes import parse_target
+
+            parse_target(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if self.key is not None and self.cert is None:
             raise ValueError("--key needs --cert")
+        if self.target is not None and self.mode not in ("grpc", "arrow"):
+            raise ValueError("--target is for --mode grpc and --mode arrow")
+        if self.target is not None and self.model is not None:
+            raise ValueError("--target and --model: give one (--target model=ID names a model)")
         for path in (self.cacert, self.cert, self.key, self.texts):
             if path is not None and not path.is_file():
                 raise ValueError(f"file {path} does not exist")

@@ -15,6 +15,13 @@ def test_endpoints_and_requests() -> None:
     for bad in ("127.0.0.1:8080", "ftp://h", "http://h/?q=1", "http://"):
         with pytest.raises(ValueError):
             Endpoint.parse(bad)
+    grpcs = Endpoint.parse("grpcs://gw.example:50051", ("grpc", "grpcs"))
+    assert (grpcs.authority, grpcs.secure, str(grpcs)) == ("gw.example:50051", True, "grpcs://gw.example:50051")
+    for bad in ("grpc://h", "grpc://h:1/path", "http://h:1"):  # no port, a path, a scheme not allowed
+        with pytest.raises(ValueError):
+            Endpoint.parse(bad, ("grpc", "grpcs"))
+    with pytest.raises(ValueError):
+        Endpoint.parse("grpc://h:1")  # only http(s) unless asked
     (raw,) = build_requests("http://h:81/v1", "/embeddings", [b'{"input":"x"}'], {"authorization": "Bearer k"})
     assert raw == (b"POST /v1/embeddings HTTP/1.1\r\nhost: h:81\r\nauthorization: Bearer k\r\n"
                    b"content-type: application/json\r\ncontent-length: 13\r\n\r\n{\"input\":\"x\"}")

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from embedfleet import __version__
 from embedfleet.bench.loadgen import Endpoint, run_async
-from embedfleet.bench.modes import MODES, Channel, Mode, Target
+from embedfleet.bench.modes import MODES, Channel, GrpcTls, Mode, Target, parse_target
 from embedfleet.bench.report import compare_table, document, plot, ratios, results_table
 from embedfleet.bench.runner import Shape, drive, open_channels, prime
 from embedfleet.bench.stats import RunStats
@@ -42,6 +42,20 @@ def tls_context(settings: BenchSettings) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def grpc_tls(settings: BenchSettings) -> GrpcTls:
+    """The PEM files of a grpcs:// client (``--cacert``, ``--cert``/``--key``; a ``--cert`` without ``--key``
+    holds the key too)."""
+    if settings.insecure:
+        raise BenchError("--insecure is not available for grpcs:// (gRPC always verifies): give --cacert")
+    try:
+        root = settings.cacert.read_bytes() if settings.cacert else None
+        chain = settings.cert.read_bytes() if settings.cert else None
+        key = settings.key.read_bytes() if settings.key else chain
+    except OSError as exc:
+        raise BenchError(f"TLS files: {exc}") from exc
+    return GrpcTls(root, key, chain)
 
 
 @dataclass
@@ -115,33 +129,39 @@ async def _run(settings: BenchSettings, sides: list[Side], shape: Shape, rounds:
     finally:
         for side in sides:
             for channel in side.channels:
-                channel.close()
+                await channel.close()
 
 
 def run_bench(settings: BenchSettings, url: str, console: Console) -> int:
     """Run the benchmark the settings describe against ``url`` (and ``--compare``); print and write the results.
     Exit code: 0, or 1 when no request succeeded."""
+    mode_class = MODES[settings.mode]
     urls = [url] + ([settings.compare] if settings.compare else [])
     try:
-        endpoints = [Endpoint.parse(u) for u in urls]
+        endpoints = [Endpoint.parse(u, mode_class.schemes) for u in urls]
     except ValueError as exc:
-        raise BenchError(str(exc)) from None
+        raise BenchError(f"--mode {settings.mode}: {exc}") from None
     tls_flags = settings.cacert or settings.cert or settings.insecure
-    if tls_flags and not any(e.scheme == "https" for e in endpoints):
-        raise BenchError("--cacert, --cert and --insecure need an https:// URL")
+    if tls_flags and not any(e.secure for e in endpoints):
+        raise BenchError("--cacert, --cert and --insecure need an https:// or grpcs:// URL")
+    if settings.target and any(not e.scheme.startswith("grpc") for e in endpoints):
+        raise BenchError("--target needs a grpc:// or grpcs:// URL (over HTTP, --model sends X-Model)")
     tls = tls_context(settings) if any(e.scheme == "https" for e in endpoints) else None
+    tls_grpc = grpc_tls(settings) if any(e.scheme == "grpcs" for e in endpoints) else None
+    pick = parse_target(settings.target) if settings.target else None
+    compression = None if settings.arrow_compression == "none" else settings.arrow_compression
     try:
         texts = read_texts(settings.texts, settings.column) if settings.texts else None
     except TextError as exc:
         raise BenchError(str(exc)) from None
     if settings.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise BenchError("--plot needs matplotlib: pip install 'embedfleet[bench]'")
-    mode_class = MODES[settings.mode]
     run_id = secrets.token_hex(3)
     sides = []
     for i, endpoint in enumerate(endpoints):
         mode = mode_class(Target(endpoint, tls if endpoint.scheme == "https" else None, settings.api_key,
-                                 settings.model, settings.encoding, settings.timeout))
+                                 settings.model, settings.encoding, settings.timeout,
+                                 tls_grpc if endpoint.scheme == "grpcs" else None, pick, compression))
         mix = TextMix(mode.prepare, settings.batch_size, texts=texts, text_tokens=settings.text_tokens,
                       hit_ratio=settings.hit_ratio, hot_count=settings.hot_texts, run_id=f"{run_id}{i}")
         sides.append(Side("A" if len(endpoints) > 1 and i == 0 else "B" if i else "target", mode, mix))
@@ -161,7 +181,8 @@ def run_bench(settings: BenchSettings, url: str, console: Console) -> int:
         run_async(_run(settings, sides, shape, rounds, live))
 
     results = {side.name: side.stats or RunStats() for side in sides}
-    title = (f"embedfleet bench: --mode {settings.mode}, batch {settings.batch_size}, concurrency "
+    title = (f"embedfleet bench: --mode {settings.mode}" + (f" --target {settings.target}" if settings.target else "")
+             + f", batch {settings.batch_size}, concurrency "
              f"{settings.concurrency}" + (f", rate {settings.rate:g}/s (open loop)" if settings.rate else "")
              + (f", hit ratio {settings.hit_ratio:g}" if settings.hit_ratio is not None else ""))
     if len(sides) == 2:
@@ -173,6 +194,8 @@ def run_bench(settings: BenchSettings, url: str, console: Console) -> int:
     ours = {"version": __version__, "started_at": round(started, 3), "concurrency": settings.concurrency,
             "rate": settings.rate, "hit_ratio_requested": settings.hit_ratio, "warmup_secs": settings.warmup,
             "encoding": settings.encoding if settings.mode == "openai" else None, "model": settings.model,
+            "target": settings.target,
+            "arrow_compression": compression if settings.mode == "arrow" else None,
             "texts_file": str(settings.texts) if settings.texts else None,
             "text_tokens": None if settings.texts else settings.text_tokens}
     docs = [document(settings.mode, settings.batch_size, results[side.name], url=str(endpoint), **ours)

@@ -35,9 +35,13 @@ class LoadError(Exception):
     """A request the load generator could not complete (connection lost, malformed answer)."""
 
 
+DEFAULT_PORTS: dict[str, int | None] = {"http": 80, "https": 443, "grpc": None, "grpcs": None}
+"""The schemes an :class:`Endpoint` may have, with their default ports (gRPC has none: a URL gives it)."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """Where requests go: ``http(s)://HOST[:PORT][/PREFIX]``."""
+    """Where requests go: ``http(s)://HOST[:PORT][/PREFIX]`` (or ``grpc(s)://HOST:PORT`` where allowed)."""
 
     scheme: str
     host: str
@@ -45,22 +49,35 @@ class Endpoint:
     prefix: str  # path prefix without a trailing slash ("" for the root)
 
     @classmethod
-    def parse(cls, url: str) -> Endpoint:
-        """Read a base URL; ValueError when it is not ``http(s)://HOST[:PORT][/PATH]``."""
+    def parse(cls, url: str, schemes: Sequence[str] = ("http", "https")) -> Endpoint:
+        """Read a base URL; ValueError when it is not ``SCHEME://HOST[:PORT][/PATH]`` with one of ``schemes``
+        (a ``grpc(s)://`` URL needs its port and has no path)."""
         parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        if parts.scheme not in schemes or parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"{url!r} is not a {', '.join(f'{s}://' for s in schemes)} URL")
         if parts.query or parts.fragment:
             raise ValueError(f"{url!r}: a base URL has no query or fragment")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+        try:
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from None
+        if port is None:
+            raise ValueError(f"{url!r}: a {parts.scheme}:// URL needs a port")
+        path = parts.path.rstrip("/")
+        if path and parts.scheme.startswith("grpc"):
+            raise ValueError(f"{url!r}: a {parts.scheme}:// URL has no path")
+        return cls(parts.scheme, parts.hostname, port, path)
+
+    @property
+    def secure(self) -> bool:
+        """TLS (``https``, ``grpcs``)."""
+        return self.scheme in ("https", "grpcs")
 
     @property
     def authority(self) -> str:
-        """The ``Host`` header's value."""
+        """The ``Host`` header's value (``HOST:PORT``, the gRPC target, for gRPC)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority}{self.prefix}"
@@ -260,10 +277,10 @@ def header_value(head: bytes, name: bytes) -> str | None:
 
 
 def build_requests(url: str, path: str, bodies: Sequence[bytes], headers: Mapping[str, str] | None = None,
-                   ) -> list[bytes]:
-    """Complete HTTP/1.1 POST requests of JSON bodies to ``url`` + ``path``, ready to write."""
+                   content_type: str = "application/json") -> list[bytes]:
+    """Complete HTTP/1.1 POST requests of (JSON) bodies to ``url`` + ``path``, ready to write."""
     endpoint = Endpoint.parse(url)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (f"POST {endpoint.prefix}{path} HTTP/1.1\r\nhost: {endpoint.authority}\r\n{extra}"
-            "content-type: application/json\r\ncontent-length: ").encode()
+            f"content-type: {content_type}\r\ncontent-length: ").encode()
     return [b"%s%d\r\n\r\n%s" % (head, len(b), b) for b in bodies]

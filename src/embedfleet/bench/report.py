@@ -30,9 +30,8 @@ def _rows(stats: RunStats) -> list[tuple[str, str]]:
         ("duration s", _num(stats.duration_s, 2)),
     ]
     ratio = stats.hit_ratio()
-    if ratio is not None:
-        rows.append(("cache hit ratio (X-Cache)", f"{ratio:.3f}  ({stats.cache_hits:,} hits, "
-                                                  f"{stats.cache_misses:,} misses)"))
+    rows.append(("cache hit ratio (X-Cache)", "n/a (the answers did not say)" if ratio is None else
+                 f"{ratio:.3f}  ({stats.cache_hits:,} hits, {stats.cache_misses:,} misses)"))
     busy = stats.client_busy()
     if busy is not None:
         rows.append(("client busy (one core)", f"{busy:.0%}" + ("  [red]the client was the limit[/]"

@@ -44,7 +44,7 @@ async def open_channels(channels: Sequence[Channel]) -> None:
         try:
             await channel.open()
         except LoadError:
-            channel.close()
+            await channel.close()
 
 
 async def drive(channels: Sequence[Channel], mix: TextMix, shape: Shape, progress: Progress | None = None,
@@ -90,8 +90,8 @@ async def drive(channels: Sequence[Channel], mix: TextMix, shape: Shape, progres
                 failed(f"transport: {str(exc).split(':', 1)[0]}", count)
                 continue
             done = clock()
-            if reply.status != 200:
-                failed(f"{reply.status} {reply.code or ''}".strip(), count)
+            if not reply.ok:
+                failed(reply.error, count)
                 continue
             latencies.append(done - sent)
             finished.append(done - start)
@@ -143,8 +143,8 @@ async def prime(channels: Sequence[Channel], requests: Sequence[object]) -> RunS
             except LoadError as exc:
                 stats.errors[f"transport: {exc}"] += 1
                 continue
-            if reply.status != 200:
-                stats.errors[f"{reply.status} {reply.code or ''}".strip()] += 1
+            if not reply.ok:
+                stats.errors[reply.error] += 1
 
     guard = asyncio.create_task(watchdog(channels))
     try:

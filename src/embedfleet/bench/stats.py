@@ -22,7 +22,7 @@ class RunStats:
     latencies_s: list[float] = field(default_factory=list)
     finished_s: list[float] = field(default_factory=list)
     texts: list[int] = field(default_factory=list)  # texts of each successful request
-    errors: Counter[str] = field(default_factory=Counter)  # "STATUS CODE" or "transport: WHAT"
+    errors: Counter[str] = field(default_factory=Counter)  # "STATUS CODE", "GRPC_CODE" or "transport: WHAT"
     failed_texts: int = 0
     x_cache: Counter[str] = field(default_factory=Counter)  # X-Cache values of successful answers
     cache_hits: int = 0
@@ -37,7 +37,7 @@ class RunStats:
 
     @property
     def successful(self) -> int:
-        """Requests answered with 200."""
+        """Requests answered with success (HTTP 200, gRPC OK)."""
         return len(self.latencies_s)
 
     @property
