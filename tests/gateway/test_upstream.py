@@ -81,7 +81,7 @@ def test_a_replica_that_fails_its_health_check_takes_no_new_call_while_its_calls
             # What happens while the cut awaits: another request is routed.
             routed.append([u.url for u in pool.healthy])
 
-        victim._cut_calls = cut_and_route  # type: ignore[method-assign]
+        victim.cut_calls = cut_and_route  # type: ignore[method-assign]
         try:
             assert not await victim.refresh()  # /health refused: dead
             assert routed == [[pool.upstreams[0].url]]  # during the cut, only the live replica takes calls
@@ -120,7 +120,7 @@ def test_cutting_a_replicas_calls_retries_them_on_another_at_once() -> None:
                 assert asyncio.get_running_loop().time() < deadline, "the call never reached the silent replica"
                 await asyncio.sleep(0.01)
             stuck.alive = stuck.healthy = False  # what a failed health check does before it cuts
-            await stuck._cut_calls()
+            await stuck.cut_calls()
             assert await asyncio.wait_for(call, 5) == [[1.0, 2.0]]  # retried on the other, not after 60 s
             assert pool.retried == 1 and stuck.calls == 0 and not stuck._under_way
         finally:
