@@ -77,6 +77,19 @@ def metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | Non
     return None
 
 
+Q = TypeVar("Q")
+
+
+async def _next(queue: asyncio.Queue[Q], reader: asyncio.Task[None]) -> Q:
+    """The queue's next item; the reader's error if it ends, having failed, before putting its end marker."""
+    getter = asyncio.get_running_loop().create_task(queue.get())
+    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        getter.cancel()
+        await reader  # raises its error
+    return getter.result()
+
+
 async def ordered(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]],
                   window: int = STREAM_WINDOW) -> AsyncIterator[Resp]:
     """``handle`` each request, up to ``window`` at a time, and yield the answers in request order.
@@ -97,12 +110,7 @@ async def ordered(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitabl
     reader = loop.create_task(read())
     try:
         while True:
-            getter = loop.create_task(queue.get())
-            await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the reader ended without its end marker: it failed
-                getter.cancel()
-                await reader  # raises its error
-            item = getter.result()
+            item = await _next(queue, reader)
             if item is None:
                 return
             yield await item
@@ -165,12 +173,7 @@ async def batched(requests: AsyncIterator[Req], handle: Callable[[list[Req], int
     reader = loop.create_task(read())
     try:
         while True:
-            getter = loop.create_task(queue.get())
-            await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the reader ended without its end marker: it failed
-                getter.cancel()
-                await reader
-            item = getter.result()
+            item = await _next(queue, reader)
             if item is None:
                 return
             if not item.done() and waiting:
