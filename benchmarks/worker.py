@@ -18,6 +18,8 @@ What is measured, on the same deterministic synthetic English-like texts (2,000 
     with no backend/dtype flags (the default), ``--dtype float32``, ``--backend openvino --dtype bfloat16``
     and ``--backend onnx``, and the ``embedfleet serve`` default fleet (cache off). A row that cannot start
     (a flag this build does not know, say) is reported skipped with the reason; the others still run.
+    Beside them, the ceilings of the default worker's runtime: OpenVINO bf16 and f32 alone in this process,
+    texts tokenized beforehand, one batch of 32 on each stream at once.
 
 Every measurement runs one untimed warm-up pass over its texts, then one timed pass
 (``time.perf_counter``); the vectors compared below come from the timed pass. The HTTP clients
@@ -37,6 +39,9 @@ How to read the ratios (targets in brackets, PASS/FAIL beside them; the exit cod
   to ``st_fp32``], where the best peer is the faster of ``st_bf16`` and ``infinity_bf16`` in this run;
   ``ef_worker_float32 / st_fp32`` [>= 1.15, at min cosine >= 0.99999]; ``ef_serve_default / best peer``
   [>= 1.4 short]. The min and mean cosine of every row to ``st_fp32`` are reported per length.
+  ``ceiling_openvino_* / peer`` bounds what any worker on that runtime can reach, and a worker's share of
+  its ceiling (``ef_worker_default / ceiling_openvino_bf16``) is what HTTP, JSON, tokenization and batching
+  cost it.
 - Cosines are between unit vectors of the same texts: ``raw_onnx_fp32 vs st`` should be ~1.0
   (same model, other runtime); ``worker_http vs raw_onnx_fp32`` checks the worker's output.
 
@@ -481,12 +486,15 @@ OUR_ROWS: tuple[tuple[str, list[str] | dict[str, int]], ...] = (
     ("ef_serve_default", {}),
     ("ef_serve_one_worker", {"replicas": 1, "threads": os.cpu_count() or 1}),
 )
-PEER_VARIANTS = ("st_fp32", "st_bf16", "infinity_fp32", "infinity_bf16", *(name for name, _ in OUR_ROWS))
+PEER_VARIANTS = ("st_fp32", "st_bf16", "infinity_fp32", "infinity_bf16", "ceiling_openvino_bf16",
+                 "ceiling_openvino_f32", *(name for name, _ in OUR_ROWS))
 DESCRIPTIONS.update({
     "st_fp32": "peer: sentence-transformers fp32, in process, batch 32",
     "st_bf16": "peer: sentence-transformers bf16, in process, batch 32",
     "infinity_fp32": f"peer: infinity-emb {INFINITY_VERSION} --dtype float32, HTTP",
     "infinity_bf16": f"peer: infinity-emb {INFINITY_VERSION} --dtype bfloat16, HTTP",
+    "ceiling_openvino_bf16": "ceiling: OpenVINO bf16 alone, in process, pre-tokenized, every stream busy",
+    "ceiling_openvino_f32": "ceiling: OpenVINO f32 alone, in process, pre-tokenized, every stream busy",
     "ef_worker_default": "embedfleet worker, no backend/dtype flags, HTTP",
     "ef_worker_float32": "embedfleet worker --dtype float32, HTTP",
     "ef_worker_openvino_bf16": "embedfleet worker --backend openvino --dtype bfloat16, HTTP",
@@ -600,10 +608,45 @@ def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Conso
             results.skip(variant, _short_reason(exc), log)
 
 
+CEILINGS = (("ceiling_openvino_bf16", "bfloat16"), ("ceiling_openvino_f32", "float32"))
+
+
+def _all(pool: concurrent.futures.Executor, forward: Callable[[PaddedBatch], np.ndarray],
+         batches: list[PaddedBatch]) -> list[np.ndarray]:
+    return list(pool.map(forward, batches))
+
+
+def bench_ceilings(info: ModelInfo, sets: list[TextSet], results: Results, log: Console) -> None:
+    """What the hardware gives the default worker's runtime: OpenVINO alone in this process, the texts
+    tokenized beforehand (untimed) in batches of ``BATCH`` in input order, one batch on each of its streams
+    at once (as the worker runs them). No HTTP, JSON, tokenization or batching: a worker's share of this
+    row is what serving costs."""
+    from embedfleet.engine.backends.openvino_backend import OpenVinoBackend, available
+
+    tok = Tokenization(info.path, info.max_input_length)
+    for variant, dtype in CEILINGS:
+        if not available():
+            results.skip(variant, "openvino is not installed", log)
+            continue
+        backend = OpenVinoBackend(info, default_data_dir(), dtype=dtype)
+        for s in sets:
+            log.print(f"  {variant:<24} {s.name} ({backend.streams} streams)")
+            batches = [PaddedBatch.from_encoded(tok.encode(s.texts[i:i + BATCH], truncate=True))
+                       for i in range(0, len(s.texts), BATCH)]
+            forward = functools.partial(backend.forward, output=Output.POOLED)
+            with concurrent.futures.ThreadPoolExecutor(backend.streams) as pool:
+                rate, parts = measure(len(s.texts), functools.partial(_all, pool, forward, batches))
+            results.add(variant, s.name, rate, np.concatenate(parts))
+        del backend
+        gc.collect()
+
+
 def bench_side_by_side(info: ModelInfo, sets: list[TextSet], results: Results, skip_infinity: bool,
                        log: Console) -> None:
-    """(f): the peers and our rows, same texts, same load (``CLIENTS`` clients x ``BATCH`` texts)."""
+    """(f): the peers and our rows, same texts, same load (``CLIENTS`` clients x ``BATCH`` texts), and the
+    ceilings of our runtime."""
     bench_st_peers(info, sets, results, log)
+    bench_ceilings(info, sets, results, log)
     with tempfile.TemporaryDirectory(prefix="embedfleet-bench-") as tmp:
         root = Path(tmp)
         if skip_infinity:
@@ -633,7 +676,10 @@ def side_by_side_checks(results: Results, sets: list[TextSet]) -> tuple[list[Che
             ratios += [Check(f"{s.name}: {num} / best peer ({best})", r[num][s.name] / r[best][s.name], target)
                        for num, target in wanted if s.name in r.get(num, {})]
         for num, den, target in (("ef_worker_float32", "st_fp32", 1.15), ("infinity_bf16", "st_bf16", None),
-                                 ("infinity_fp32", "st_fp32", None)):
+                                 ("infinity_fp32", "st_fp32", None), ("ceiling_openvino_bf16", "st_bf16", None),
+                                 ("ceiling_openvino_f32", "st_fp32", None),
+                                 ("ef_worker_default", "ceiling_openvino_bf16", None),
+                                 ("ef_worker_float32", "ceiling_openvino_f32", None)):
             if s.name in r.get(num, {}) and s.name in r.get(den, {}):
                 ratios.append(Check(f"{s.name}: {num} / {den}", r[num][s.name] / r[den][s.name], target))
         if s.name not in v.get(REFERENCE, {}):

@@ -227,6 +227,9 @@ class WorkerSettings(Settings):
                                              "bf16 (AMX, AVX512-BF16) if it passes an accuracy gate, else float32")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads of the backend "
                                                                  "(default: all cores)")
+    streams: int | None = Field(None, ge=1, le=1024, description="batches run at once on the openvino backend, "
+                                                                 "sharing the threads (default: one per thread; "
+                                                                 "1: lowest latency for a lone request)")
     quantize: Quantize | None = Field(None, description="dynamic quantization of the onnx backend")
     max_batch_tokens: int | None = Field(
         None, ge=1, description="padded tokens per batch (default: 512 for onnx on CPU, where bigger batches run "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from embedfleet.engine.backends import create_backend
-from embedfleet.engine.backends.base import Output
+from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.batching import Batcher
 from embedfleet.engine.metrics import EngineMetrics
 from embedfleet.engine.model import inspect
@@ -69,3 +70,60 @@ def test_concurrent_submissions_get_their_own_rows(backend: object) -> None:
             assert np.abs(a - b[0].value).max() < 1e-4
 
     asyncio.run(main())
+
+
+def test_free_streams_share_the_waiting_inputs(backend: object) -> None:
+    batcher = Batcher(backend, max_batch_tokens=10_000, max_batch_requests=32, metrics=EngineMetrics())  # type: ignore[arg-type]
+    _queue(batcher, [10] * 20)
+    assert len(batcher._take(free_streams=2)) == 10  # half for each of two free streams
+    assert len(batcher._take(free_streams=1)) == 10  # the rest, to the last free one
+    _queue(batcher, [10] * 100)
+    assert len(batcher._take(free_streams=2)) == 32  # never above max_batch_requests
+
+
+class _Overlap(Backend):
+    """The real OpenVINO backend, counting how many of its forward passes run at once."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.name, self.device, self.dtype = inner, inner.name, inner.device, inner.dtype
+        self.info, self.streams = inner.info, inner.streams
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+        self.sizes: list[int] = []
+
+    def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.sizes.append(int(batch.input_ids.shape[0]))
+        try:
+            return self.inner.forward(batch, output)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_batches_run_on_every_stream_at_once(data_dir: Path) -> None:
+    from embedfleet.engine.backends.openvino_backend import OpenVinoBackend
+
+    info = inspect("default")
+    ov = OpenVinoBackend(info, data_dir, threads=2)  # default: one single-thread stream per thread
+    assert ov.streams == 2 and OpenVinoBackend(info, data_dir, threads=2, streams=1).streams == 1
+    counted = _Overlap(ov)
+
+    async def main() -> None:
+        batcher = Batcher(counted, max_batch_tokens=2048, max_batch_requests=32, metrics=EngineMetrics())
+        batcher.start()
+        lengths = [3 + (i * 7) % 40 for i in range(32)]
+        solo = [(await batcher.submit([_item(n)], Output.POOLED))[0].value for n in lengths]
+        counted.sizes.clear()
+        alone = await batcher.submit([_item(n) for n in lengths], Output.POOLED)  # one request, idle worker
+        assert sorted(counted.sizes) == [16, 16]  # shared out between the two free streams
+        for _ in range(3):
+            together = await asyncio.gather(*(batcher.submit([_item(n)], Output.POOLED) for n in lengths))
+        await batcher.close()
+        for a, b, c in zip(solo, alone, together, strict=True):
+            assert np.abs(a - b.value).max() < 1e-4 and np.abs(a - c[0].value).max() < 1e-4
+
+    asyncio.run(main())
+    assert counted.most == 2  # two batches ran at the same time, never more

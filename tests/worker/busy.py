@@ -19,8 +19,10 @@ LONG_INPUTS = 64
 """Inputs in one long request; each is cut to the model's 256 tokens, so the batch has 64 x 256 padded tokens."""
 
 LONG_BATCH_ARGS = ("--model", "default", "--device", "cpu", "--max-batch-tokens", str(LONG_INPUTS * 256),
-                   "--max-batch-requests", str(LONG_INPUTS), "--max-client-batch-size", str(LONG_INPUTS))
-"""Worker settings under which one long request is one batch (about 2 s on 2 busy cores)."""
+                   "--max-batch-requests", str(LONG_INPUTS), "--max-client-batch-size", str(LONG_INPUTS),
+                   "--streams", "1")
+"""Worker settings under which one long request is one batch (about 2 s on 2 busy cores): one stream, as
+free streams would share the request's inputs out."""
 
 POLL_S = 0.05
 DEADLINE_S = 120.0

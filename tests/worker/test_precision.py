@@ -3,6 +3,7 @@ and its vectors stay within the accuracy gate of sentence-transformers' fp32 one
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,21 @@ def test_default_worker_reports_and_keeps_its_precision(start_worker: object, de
         assert info["model_dtype"] == "float32" and info["backend"] in ("onnx", "openvino")
     assert info["quantization"] is None
     assert info["backend_selection"] in w.log()  # the start-up line says the same
+    if info["backend"] == "openvino":  # one single-thread stream per core, each running its own batches
+        assert info["inference_streams"] == len(os.sched_getaffinity(0))
+    assert f"streams={info['inference_streams']}" in w.log()
 
     got = np.array(w.post("/embed", {"inputs": TEXTS}).json(), dtype=np.float32)
     ref = SentenceTransformer(str(default_path), device="cpu").encode(TEXTS, normalize_embeddings=True)
     assert (got * ref).sum(axis=1).min() >= GATE_MIN_COSINE
+
+
+def test_streams_flag_reaches_openvino(start_worker: object) -> None:
+    w: WorkerProcess = start_worker("--model", "default", "--backend", "openvino", "--dtype", "float32",  # type: ignore[operator]
+                                    "--threads", "2", "--streams", "1")
+    info = w.get("/info").json()
+    assert (info["backend"], info["inference_streams"]) == ("openvino", 1)
+    assert len(w.post("/embed", {"inputs": TEXTS}).json()) == len(TEXTS)
 
 
 def test_quantized_worker_reports_int8(start_worker: object) -> None:

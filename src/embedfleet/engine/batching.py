@@ -1,11 +1,13 @@
 """Dynamic batching: inputs from many requests share forward passes.
 
-Each input waits in one queue. When the inference thread is free, the batcher takes the oldest
+Each input waits in one queue. When an inference stream is free, the batcher takes the oldest
 waiting input (so nothing starves) and adds the waiting inputs closest to it in length (so little
 compute goes to padding) while the batch stays within ``max_batch_tokens`` padded tokens and
-``max_batch_requests`` inputs. The forward pass runs on a single dedicated thread, so the event
-loop keeps serving /health and /metrics while a long batch runs, and the next batch is formed from
-everything that arrived meanwhile.
+``max_batch_requests`` inputs. Forward passes run on dedicated threads, one per stream the backend
+offers (:attr:`Backend.streams`), so the event loop keeps serving /health and /metrics while a long
+batch runs, and the next batch is formed from everything that arrived meanwhile. When several streams
+are free at once, the waiting inputs are shared out between them, so that one request alone on an idle
+worker still uses every stream.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import bisect
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,9 +63,10 @@ class Batcher:
         self._waiting: list[_Waiting] = []  # in arrival order
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.streams = max(1, backend.streams)
+        self._executor = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
-        self.busy = False
+        self._running: set[asyncio.Task[None]] = set()
         self.failed_in_a_row = 0
 
     def start(self) -> None:
@@ -74,6 +78,9 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
         for w in self._waiting:
             if not w.future.done():
                 w.future.set_exception(errors.unhealthy("the worker is shutting down"))
@@ -81,9 +88,14 @@ class Batcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     @property
+    def busy(self) -> bool:
+        """A batch is running."""
+        return bool(self._running)
+
+    @property
     def idle(self) -> bool:
         """Nothing queued and no batch running."""
-        return not self.busy and not self._waiting
+        return not self._running and not self._waiting
 
     @property
     def queue_size(self) -> int:
@@ -108,17 +120,19 @@ class Batcher:
                 f.cancel()  # a cancelled input is dropped when the next batch forms
             raise
 
-    def _take(self) -> list[_Waiting]:
-        """Remove and return the next batch: the oldest input plus its nearest neighbours in length."""
+    def _take(self, free_streams: int = 1) -> list[_Waiting]:
+        """Remove and return the next batch: the oldest input plus its nearest neighbours in length. With
+        ``free_streams`` streams free, it takes at most its share of the inputs like the oldest."""
         self._waiting = [w for w in self._waiting if not w.future.done()]
         if not self._waiting:
             return []
         oldest = self._waiting[0]
         same = sorted(w for w in self._waiting if w.output is oldest.output)
+        limit = min(self.max_batch_requests, math.ceil(len(same) / max(1, free_streams)))
         pos = bisect.bisect_left(same, oldest)
         lo, hi = pos, pos + 1  # the batch is same[lo:hi]
         width = oldest.length
-        while hi - lo < self.max_batch_requests:
+        while hi - lo < limit:
             left = same[lo - 1] if lo > 0 else None
             right = same[hi] if hi < len(same) else None
             # Take the neighbour whose length is closer to the oldest input's.
@@ -139,43 +153,53 @@ class Batcher:
         return chosen
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := self._take():
+            while len(self._running) < self.streams and (batch := self._take(self.streams - len(self._running))):
                 self.metrics.queue_size.set(len(self._waiting))
-                output = batch[0].output
-                started = time.perf_counter()
-                self.busy = True
-                try:
-                    padded, values = await loop.run_in_executor(
-                        self._executor, self._forward, [w.item for w in batch], output
-                    )
-                except Exception as exc:
-                    log.exception("batch of %d failed", len(batch))
-                    self.metrics.batch_inference_failure.labels(output.value).inc()
-                    self.failed_in_a_row += 1
-                    err = exc if isinstance(exc, errors.EngineError) else errors.backend(
-                        f"inference failed: {exc}")
-                    for w in batch:
-                        if not w.future.done():
-                            w.future.set_exception(err)
-                    continue
-                finally:
-                    self.busy = False
-                elapsed = time.perf_counter() - started
-                self.failed_in_a_row = 0
-                m = self.metrics
-                m.batch_next_size.observe(len(batch))
-                m.batch_next_tokens.observe(padded)
-                m.batch_inference_duration.labels(output.value).observe(elapsed)
-                m.batch_inference_success.labels(output.value).inc()
-                for row, w in enumerate(batch):
-                    if w.future.done():
-                        continue
-                    value = values[row, : w.length] if output is Output.TOKENS else values[row]
-                    w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()  # a stream is free: form the next batch
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        """One batch on one stream; its results (or its error) go to the inputs' futures."""
+        output = batch[0].output
+        started = time.perf_counter()
+        try:
+            padded, values = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._forward, [w.item for w in batch], output
+            )
+        except asyncio.CancelledError:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(errors.unhealthy("the worker is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            self.metrics.batch_inference_failure.labels(output.value).inc()
+            self.failed_in_a_row += 1
+            err = exc if isinstance(exc, errors.EngineError) else errors.backend(f"inference failed: {exc}")
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        elapsed = time.perf_counter() - started
+        self.failed_in_a_row = 0
+        m = self.metrics
+        m.batch_next_size.observe(len(batch))
+        m.batch_next_tokens.observe(padded)
+        m.batch_inference_duration.labels(output.value).observe(elapsed)
+        m.batch_inference_success.labels(output.value).inc()
+        for row, w in enumerate(batch):
+            if w.future.done():
+                continue
+            value = values[row, : w.length] if output is Output.TOKENS else values[row]
+            w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
 
     def _forward(self, items: list[Encoded], output: Output) -> tuple[int, np.ndarray]:
         padded = PaddedBatch.from_encoded(items)

@@ -317,7 +317,8 @@ def info_body(state: WorkerState, engine: Engine) -> dict[str, Any]:
         "docker_label": None, "task": i.task.value, "pooling": i.pooling.value if i.pooling else None,
         "dimension": i.dimension, "backend": engine.backend.name, "device": engine.backend.device,
         "quantization": engine.backend.dtype if engine.backend.dtype == "int8" else None,
-        "backend_selection": engine.backend.selection, "revision": i.revision,
+        "backend_selection": engine.backend.selection, "inference_streams": engine.batcher.streams,
+        "revision": i.revision,
     }
 
 

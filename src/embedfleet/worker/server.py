@@ -32,7 +32,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
     """Inspect the model, build its backend and engine (blocking: seconds to minutes)."""
     info = inspect(settings.model, settings.revision, settings.pooling)
     backend = create_backend(info, settings.backend, settings.device, settings.data_dir, dtype=settings.dtype,
-                             threads=settings.threads, quantize=settings.quantize)
+                             threads=settings.threads, quantize=settings.quantize,
+                             streams=settings.streams)
     backend.warmup()
     max_batch_requests = settings.max_batch_requests or (256 if backend.device.startswith("cuda") else 32)
     limits = Limits(
@@ -52,7 +53,7 @@ def summary(engine: Engine, settings: WorkerSettings, seconds: float) -> str:
     b = engine.backend
     return (f"serving model={i.model_id} task={i.task.value} pooling={i.pooling.value if i.pooling else '-'} "
             f"dim={i.dimension} max_input_length={i.max_input_length} backend={b.name} device={b.device} "
-            f"dtype={b.dtype} sha={i.sha[:12]} on http://{settings.host}:{settings.port} "
+            f"dtype={b.dtype} streams={b.streams} sha={i.sha[:12]} on http://{settings.host}:{settings.port} "
             f"(loaded in {seconds:.1f}s; {b.selection})")
 
 

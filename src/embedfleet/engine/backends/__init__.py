@@ -28,7 +28,7 @@ def resolve_device(device: str) -> str:
 
 
 def create_backend(info: ModelInfo, backend: str, device: str, cache_dir: Path, dtype: str | None = None,
-                   threads: int | None = None, quantize: str | None = None) -> Backend:
+                   threads: int | None = None, quantize: str | None = None, streams: int | None = None) -> Backend:
     """Build the backend asked for, choosing what ``auto`` leaves open (:mod:`.choice`). The backend's
     ``selection`` says what was chosen and why (in /info and the start-up log)."""
     from embedfleet.engine.backends import choice as pick
@@ -37,8 +37,8 @@ def create_backend(info: ModelInfo, backend: str, device: str, cache_dir: Path, 
     device = resolve_device(device)
     chosen = pick.choose(device, backend, dtype or "auto", quantize, bf16=pick.native_bf16(), openvino=available())
     if chosen.gated:
-        candidate = pick.build(chosen, info, device, cache_dir, threads)
-        cosine = pick.gate(candidate, info, device, cache_dir, threads)
+        candidate = pick.build(chosen, info, device, cache_dir, threads, streams)
+        cosine = pick.gate(candidate, info, device, cache_dir, threads, streams)
         if cosine >= pick.GATE_MIN_COSINE:
             candidate.selection = f"{chosen.reason} (accuracy gate: min cosine {cosine:.6f} to float32)"
             return candidate
@@ -49,9 +49,9 @@ def create_backend(info: ModelInfo, backend: str, device: str, cache_dir: Path, 
     else:
         reason = chosen.reason
     if chosen.backend == pick.FASTEST:
-        built, raced = pick.fastest_fp32(info, cache_dir, threads)
+        built, raced = pick.fastest_fp32(info, cache_dir, threads, streams)
         reason = raced if reason == chosen.reason else f"{reason}; {raced}"
     else:
-        built = pick.build(chosen, info, device, cache_dir, threads)
+        built = pick.build(chosen, info, device, cache_dir, threads, streams)
     built.selection = reason
     return built

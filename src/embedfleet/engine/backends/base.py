@@ -59,13 +59,15 @@ class PaddedBatch:
 
 
 class Backend(ABC):
-    """Runs a model's forward pass on a padded batch. Called from one inference thread."""
+    """Runs a model's forward pass on a padded batch, from at most :attr:`streams` threads at once."""
 
     name: str
     device: str
     dtype: str
     info: ModelInfo
     selection: str = ""  # what chose this backend and dtype, in words (set by create_backend)
+    streams: int = 1
+    """Forward passes that may run at once, each from its own thread (1: one at a time)."""
 
     @abstractmethod
     def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:

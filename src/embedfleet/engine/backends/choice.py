@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,9 @@ def choose(device: str, backend: str, dtype: str, quantize: str | None, *, bf16:
     return Choice(backend, dtype, f"--backend {backend} --dtype {dtype}")
 
 
-def build(choice: Choice, info: ModelInfo, device: str, cache_dir: Path, threads: int | None) -> Backend:
-    """The backend a choice names (not :data:`FASTEST`)."""
+def build(choice: Choice, info: ModelInfo, device: str, cache_dir: Path, threads: int | None,
+          streams: int | None = None) -> Backend:
+    """The backend a choice names (not :data:`FASTEST`); ``streams`` applies to openvino."""
     if choice.backend == "onnx":
         from embedfleet.engine.backends.onnx_backend import OnnxBackend
 
@@ -133,7 +135,7 @@ def build(choice: Choice, info: ModelInfo, device: str, cache_dir: Path, threads
     if choice.backend == "openvino":
         from embedfleet.engine.backends.openvino_backend import OpenVinoBackend
 
-        return OpenVinoBackend(info, cache_dir, dtype=choice.dtype, threads=threads)
+        return OpenVinoBackend(info, cache_dir, dtype=choice.dtype, threads=threads, streams=streams)
     if choice.backend == "torch":
         from embedfleet.engine.backends.torch_backend import TorchBackend
 
@@ -160,33 +162,39 @@ def min_cosine(a: Backend, b: Backend, batches: list[PaddedBatch]) -> float:
     return float(cos.min())
 
 
-def gate(candidate: Backend, info: ModelInfo, device: str, cache_dir: Path, threads: int | None) -> float:
+def gate(candidate: Backend, info: ModelInfo, device: str, cache_dir: Path, threads: int | None,
+         streams: int | None = None) -> float:
     """``candidate``'s minimum cosine over the probes to the same backend in fp32."""
-    reference = build(Choice(candidate.name, "float32", "gate reference"), info, device, cache_dir, threads)
+    reference = build(Choice(candidate.name, "float32", "gate reference"), info, device, cache_dir, threads, streams)
     return min_cosine(candidate, reference, probe_batches(info))
 
 
-def _race_key(info: ModelInfo, threads: int | None) -> str:
+def _race_key(info: ModelInfo, threads: int | None, streams: int | None) -> str:
     import onnxruntime
     import openvino
 
     h = hashlib.blake2b(digest_size=8)
     for part in (info.sha, info.task.value, platform.processor(), " ".join(sorted(cpu_flags())), str(os.cpu_count()),
-                 onnxruntime.__version__, openvino.__version__, str(threads)):
+                 onnxruntime.__version__, openvino.__version__, str(threads), f"streams={streams}"):
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
 
 def _rate(backend: Backend, batches: list[PaddedBatch], rounds: int) -> float:
-    """Inputs per second over ``rounds`` passes of ``batches`` (after one untimed pass)."""
+    """Inputs per second over ``rounds`` passes of ``batches`` on each of the backend's streams at once, as
+    the batcher runs them (after one untimed pass)."""
     output = backend.default_output()
-    for batch in batches:
-        backend.forward(batch, output)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for batch in batches:
-            backend.forward(batch, output)
-    inputs = rounds * sum(int(b.input_ids.shape[0]) for b in batches)
+
+    def passes(n: int) -> None:
+        for _ in range(n):
+            for batch in batches:
+                backend.forward(batch, output)
+
+    with ThreadPoolExecutor(backend.streams) as pool:
+        list(pool.map(passes, [1] * backend.streams))
+        started = time.perf_counter()
+        list(pool.map(passes, [rounds] * backend.streams))
+    inputs = backend.streams * rounds * sum(int(b.input_ids.shape[0]) for b in batches)
     return inputs / (time.perf_counter() - started)
 
 
@@ -205,14 +213,15 @@ def race_batches(max_length: int) -> list[PaddedBatch]:
     return [batch(min(24, max_length)), batch(min(192, max_length))]
 
 
-def fastest_fp32(info: ModelInfo, cache_dir: Path, threads: int | None) -> tuple[Backend, str]:
+def fastest_fp32(info: ModelInfo, cache_dir: Path, threads: int | None,
+                 streams: int | None = None) -> tuple[Backend, str]:
     """OpenVINO or onnxruntime in fp32, whichever runs faster on this machine; returns it and why. Measured
     the first time (a few seconds), then remembered in ``<cache_dir>/choices`` for this model, CPU, thread
     count and runtime versions. Workers starting together wait for the first one's measurement."""
     from embedfleet.engine.backends.onnx_backend import file_lock
 
     folder = cache_dir / "choices"
-    record = folder / f"{_race_key(info, threads)}.json"
+    record = folder / f"{_race_key(info, threads, streams)}.json"
     with file_lock(folder / f"{record.stem}.lock"):
         try:
             known = json.loads(record.read_text())
@@ -220,9 +229,9 @@ def fastest_fp32(info: ModelInfo, cache_dir: Path, threads: int | None) -> tuple
         except (OSError, ValueError, KeyError, TypeError):
             name, rates = "", {}
         if name in ("onnx", "openvino"):
-            chosen = build(Choice(name, "float32", "race"), info, "cpu", cache_dir, threads)
+            chosen = build(Choice(name, "float32", "race"), info, "cpu", cache_dir, threads, streams)
             return chosen, _why(name, rates, measured_now=False)
-        contenders = {n: build(Choice(n, "float32", "race"), info, "cpu", cache_dir, threads)
+        contenders = {n: build(Choice(n, "float32", "race"), info, "cpu", cache_dir, threads, streams)
                       for n in ("openvino", "onnx")}
         batches = race_batches(info.max_input_length)
         rates = {n: 0.0 for n in contenders}
