@@ -213,6 +213,7 @@ class Results:
     in_process_rss_mb: dict[str, float] = field(default_factory=dict)
     worker_rss_mb: dict[str, list[float | None]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # variant: why it was not measured
+    cpu_us: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant: set: stage: µs
 
     def skip(self, variant: str, reason: str, log: Console) -> None:
         """Record a variant that could not be measured, and say why."""
@@ -548,13 +549,42 @@ def bench_st_peers(info: ModelInfo, sets: list[TextSet], results: Results, log: 
         results.worker_rss_mb[variant] = [out["peak_rss_mb"]]
 
 
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tokenize_seconds(tok: Tokenization, texts: list[str]) -> float:
+    """CPU seconds of this process to tokenize ``texts`` in batches of ``BATCH``, as a worker does."""
+    before = time.process_time()
+    for i in range(0, len(texts), BATCH):
+        tok.encode(texts[i:i + BATCH], truncate=True)
+    return time.process_time() - before
+
+
 def _measure_http_row(variant: str, url: str, pids: Callable[[], list[float | None]], sets: list[TextSet],
-                      results: Results, log: Console, started: float) -> None:
+                      results: Results, log: Console, started: float, pid: int | None = None,
+                      tok: Tokenization | None = None) -> None:
+    """One HTTP row. With the ``pid`` of a single worker, also its CPU per embedding by stage: the event loop
+    (its main thread: HTTP, validation, JSON), tokenization (the same texts tokenized here), and inference
+    (the rest: the runtime's threads and their callers)."""
     log.print(f"  {variant:<24} ready after {time.monotonic() - started:.0f} s")
     for s in sets:
         log.print(f"  {variant:<24} {s.name}")
+        if pid is not None:
+            cpu, loop_cpu = _cpu_seconds(pid), _cpu_seconds(pid, pid)
         rate, vectors = http_rate([url], s.texts, api=OPENAI)
         results.add(variant, s.name, rate, vectors)
+        if pid is not None and tok is not None:
+            count = 2 * len(s.texts)  # http_rate's warm-up and timed passes
+            loop_cpu = _cpu_seconds(pid, pid) - loop_cpu
+            tokenize = 2 * _tokenize_seconds(tok, s.texts)
+            inference = _cpu_seconds(pid) - cpu - loop_cpu - tokenize
+            results.cpu_us[variant] = results.cpu_us.get(variant, {}) | {s.name: {
+                stage: round(seconds / count * 1e6, 1) for stage, seconds in
+                (("event loop", loop_cpu), ("tokenization", tokenize), ("inference and the rest", inference))}}
     results.worker_rss_mb[variant] = pids()
 
 
@@ -586,8 +616,9 @@ def _default_fleet_config(root: Path, fleet: dict[str, int]) -> Path:
     return path
 
 
-def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Console) -> None:
+def bench_our_rows(info: ModelInfo, sets: list[TextSet], results: Results, root: Path, log: Console) -> None:
     """The embedfleet rows of (f): workers with the flags of ``OUR_ROWS``, and the default fleet."""
+    tok = Tokenization(info.path, info.max_input_length)
     for variant, flags in OUR_ROWS:
         log.print(f"  {variant:<24} starting")
         started = time.monotonic()
@@ -603,7 +634,7 @@ def bench_our_rows(sets: list[TextSet], results: Results, root: Path, log: Conso
             else:
                 with worker_process(flags) as worker:
                     _measure_http_row(variant, worker.url, lambda: tree_peak_rss_mb(worker.proc.pid), sets,
-                                      results, log, started)
+                                      results, log, started, worker.proc.pid, tok)
         except (RuntimeError, TimeoutError, OSError, LoadError, KeyError, ValueError) as exc:
             results.skip(variant, _short_reason(exc), log)
 
@@ -654,7 +685,7 @@ def bench_side_by_side(info: ModelInfo, sets: list[TextSet], results: Results, s
                 results.skip(variant, "--skip-infinity", log)
         else:
             bench_infinity(info, sets, results, root, log)
-        bench_our_rows(sets, results, root, log)
+        bench_our_rows(info, sets, results, root, log)
 
 
 def side_by_side_checks(results: Results, sets: list[TextSet]) -> tuple[list[Check], list[Check]]:
@@ -837,6 +868,7 @@ def build_document(args: argparse.Namespace, sets: list[TextSet], results: Resul
             "http_route": OPENAI.route,
             "ratios": [c.as_json() for c in side_ratios],
             "cosine": [c.as_json() for c in side_cosines],
+            "worker_cpu_us_per_embedding": results.cpu_us,
         },
         "skipped": dict(results.skipped),
         "peak_rss_mb": {
@@ -909,6 +941,19 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
         for variant, reason in doc["skipped"].items():
             skipped.add_row(variant, reason)
         console.print(skipped)
+
+    stages = doc["side_by_side"]["worker_cpu_us_per_embedding"]
+    if stages:
+        table = Table(title="(f) worker CPU per embedding by stage (µs)")
+        table.add_column("variant")
+        table.add_column("texts")
+        names = list(next(iter(next(iter(stages.values())).values())))
+        for name in names:
+            table.add_column(name, justify="right")
+        for variant, by_set in stages.items():
+            for text_set, us in by_set.items():
+                table.add_row(variant, text_set, *(f"{us[n]:,.0f} ({us[n] / sum(us.values()):.0%})" for n in names))
+        console.print(table)
 
     memory = Table(title="peak RSS (MiB)")
     memory.add_column("process")

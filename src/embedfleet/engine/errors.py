@@ -6,6 +6,7 @@ the kinds are text-embeddings-inference's, so TEI clients branching on ``error_t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 
 
@@ -48,6 +49,14 @@ class EngineError(Exception):
     def at(self, input: int | None) -> EngineError:
         """The same error about another position (None: no position)."""
         return EngineError(self.kind, self.detail, input)
+
+    def remapped(self, positions: Sequence[int]) -> EngineError:
+        """The error as the caller sees it: ``positions[i]`` is the caller's position of the input the callee
+        called ``i``. An error about no input stays as it is; one about an input the callee never had (an
+        insane upstream) loses its position."""
+        if self.input is None:
+            return self
+        return self.at(positions[self.input] if 0 <= self.input < len(positions) else None)
 
     def __repr__(self) -> str:
         return f"EngineError({self.kind.value}, {self.message!r})"

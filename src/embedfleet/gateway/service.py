@@ -223,9 +223,7 @@ class EmbeddingService:
             try:
                 answer: Any = await self.pool.post(route, {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)))
             except EngineError as exc:
-                if exc.input is None:
-                    raise
-                raise exc.at(start + exc.input if 0 <= exc.input < len(chunk) else None) from None
+                raise exc.remapped(range(start, start + len(chunk))) from None
             if not isinstance(answer, list) or len(answer) != len(chunk):
                 raise errors.backend(f"upstream answered {route} with no list of {len(chunk)} rows")
             return answer
@@ -283,10 +281,7 @@ class EmbeddingService:
         try:
             return await asyncio.shield(task)
         except EngineError as exc:
-            if exc.input is None:
-                raise
-            positions = [*(request.input_keys.index(k) for k in mine), *(i for i, _ in raw)]
-            raise exc.at(positions[exc.input] if 0 <= exc.input < len(positions) else None) from None
+            raise exc.remapped([*(request.input_keys.index(k) for k in mine), *(i for i, _ in raw)]) from None
 
     async def _await_shared(self, request: _Request, waiting: dict[bytes, asyncio.Future[Entry]],
                             body: dict[str, Any], policy: CachePolicy) -> dict[bytes, Entry]:
@@ -401,9 +396,7 @@ class EmbeddingService:
         try:
             entries = await self._compute_entries([items[i] for i in positions], body)
         except EngineError as exc:
-            if exc.input is None:
-                raise
-            raise exc.at(positions[exc.input] if 0 <= exc.input < len(positions) else None) from None
+            raise exc.remapped(positions) from None
         for position, entry in zip(positions, entries, strict=True):
             rows[position] = entry
 
@@ -447,9 +440,7 @@ class EmbeddingService:
                 return await self.pool.post("/embed", {**body, "inputs": chunk}, weight=sum(map(estimate, chunk)),
                                             parse=parse, accept=binary.ACCEPT)
             except EngineError as exc:  # name the input by its position in ``items`` (if the upstream's is sane)
-                if exc.input is None:
-                    raise
-                raise exc.at(order[start + exc.input] if 0 <= exc.input < len(chunk) else None) from None
+                raise exc.remapped(order[start:start + len(chunk)]) from None
 
         results = await asyncio.gather(*(call(chunk, start) for chunk, start in zip(chunks, starts, strict=True)))
         vectors: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
