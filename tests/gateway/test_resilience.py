@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -14,7 +12,7 @@ from types import TracebackType
 import httpx
 import pytest
 
-from tests.gateway.support import metric_value, wait_for
+from tests.gateway.support import HangDrill, wait_for
 from tests.helpers import GatewayProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -140,52 +138,21 @@ def test_a_hung_replica_loses_no_request_and_rejoins_after_sigcont(start_worker:
     def healthy() -> float:
         return g.metric("embedfleet_upstream_healthy", upstream=victim.url)
 
-    async def victim_busy(client: httpx.AsyncClient) -> bool:
-        """Calls to the victim are under way: the gateway counts them, and the victim is working on them."""
-        gateway_side = metric_value((await client.get("/metrics")).text, "embedfleet_upstream_in_flight",
-                                    upstream=victim.url)
-        worker_side = metric_value((await client.get(f"{victim.url}/metrics")).text, "te_request_in_flight")
-        return gateway_side > 0 and worker_side > 0
-
-    async def one(client: httpx.AsyncClient, tag: str, i: int) -> int | str:
-        texts = [f"{tag} {i} {j} " + "some words " * 20 for j in range(16)]  # 2 calls of 8 each
-        try:
-            return (await client.post("/embed", json={"inputs": texts})).status_code
-        except httpx.HTTPError as exc:  # counted as an outcome too
-            return type(exc).__name__
-
-    async def load_then_stop() -> list[int | str]:
-        async with httpx.AsyncClient(base_url=g.url, timeout=HUNG_CLIENT_TIMEOUT_S) as client:
-            burst = [asyncio.create_task(one(client, "hang", i)) for i in range(40)]
-            deadline = time.monotonic() + 60
-            while not await victim_busy(client):
-                assert time.monotonic() < deadline and not all(t.done() for t in burst), "victim never busy"
-                await asyncio.sleep(0.05)
-            os.kill(victim.proc.pid, signal.SIGSTOP)  # hung with calls in flight on it, not dead
-            return await asyncio.gather(*burst)
-
-    async def load(tag: str) -> list[int | str]:
-        async with httpx.AsyncClient(base_url=g.url, timeout=120) as client:
-            return await asyncio.gather(*(one(client, tag, i) for i in range(16)))
-
-    stopped = False
+    drill = HangDrill(g.url, victim.url, victim.proc.pid, HUNG_CLIENT_TIMEOUT_S)
     try:
-        stopped = True
-        codes = asyncio.run(load_then_stop())
+        codes = drill.load_then_stop()
         assert Counter(codes) == {200: 40}  # every request's outcome: none failed, none waited out its deadline
         assert g.metric("embedfleet_upstream_retries_total") >= 1  # the victim's calls went to the other one
         assert healthy() == 0
-        assert Counter(asyncio.run(load("while hung"))) == {200: 16}  # the other replica takes it all
-        os.kill(victim.proc.pid, signal.SIGCONT)
-        stopped = False
+        assert Counter(drill.load("while hung")) == {200: 16}  # the other replica takes it all
+        drill.resume()
         wait_for(lambda: healthy() == 1, "the replica re-admitted after SIGCONT", timeout=60)
         # Let it finish what it read while stopped (calls the gateway gave up on), then count from there.
         wait_for(lambda: victim.metric("te_request_in_flight") == 0, "the victim idle", timeout=60)
         before = victim.metric("te_request_count_total", method="embed")
-        assert Counter(asyncio.run(load("back again"))) == {200: 16}
+        assert Counter(drill.load("back again")) == {200: 16}
         assert victim.metric("te_request_count_total", method="embed") > before  # it takes load again
         assert healthy() == 1
     finally:
-        if stopped:
-            os.kill(victim.proc.pid, signal.SIGCONT)
+        drill.resume()
         g.stop()
