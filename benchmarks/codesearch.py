@@ -148,7 +148,8 @@ async def quality(url: str, folder: Path) -> dict[str, Any]:
                 row: dict[str, Any] = {"repo": q.repo, "query": q.query, "file": q.file, "symbol": q.symbol}
                 for name, store, rerank_ in (("fixed", fixed, False), ("ours", ours, False),
                                              ("ours + rerank", ours, True)):
-                    hits = await search(store, embedder, q.query, TOP, repo=q.repo, rerank=rerank_)
+                    hits = await search(store, embedder, q.query, TOP, repo=q.repo, rerank=rerank_,
+                                        hybrid=store is ours)
                     found = rank(hits, q.file, spans[q])
                     ranks[name].append(found)
                     row[name] = found
