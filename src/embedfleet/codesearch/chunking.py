@@ -5,6 +5,10 @@ A class (impl, trait, module, interface) with members gives one chunk for its he
 the signature, docstring and attributes) and one per member, named ``Class.member``; other definitions are
 one chunk each, with the comments right above them. Lines outside any definition (imports, constants,
 module docstrings) become chunks of their own. A chunk longer than ``max_lines`` is cut into windows.
+
+A member's chunk carries its container's summary (:attr:`Chunk.context`: the first lines of the container's
+header, its signature and the start of its docstring or doc comment), which its embedding and its lexical
+terms include: a method means what it does for its class.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ WRAPPERS = frozenset({"decorated_definition", "export_statement", "template_decl
 FUNCTION_VALUES = frozenset({"arrow_function", "function_expression", "function", "generator_function", "class"})
 """``const f = <one of these>`` defines ``f`` in JavaScript and TypeScript."""
 
+CONTEXT_LINES = 3
+CONTEXT_CHARS = 300
+"""A container's summary: at most this many lines of its header (up to its first blank line), this long."""
+
 COMMENT = re.compile(r"^\s*(#|//|/\*|\*|--|;;)")
 ONLY_PUNCTUATION = re.compile(r"^[\s{}()\[\];,]*$")
 
@@ -78,10 +86,14 @@ class Chunk:
     symbol: str | None
     kind: str
     text: str
+    context: str | None = None
+    """The summary of the definition this chunk is a member of (see the module's docstring)."""
 
     def embedding_text(self) -> str:
-        """What is embedded: the file's path and the chunk's symbol, then its code."""
+        """What is embedded: the file's path and the chunk's symbol, its container's summary, then its code."""
         header = f"{self.path}" + (f" {self.kind} {self.symbol}" if self.symbol else "")
+        if self.context:
+            header += f"\nin {self.context}"
         return f"{header}\n{self.text}"
 
 
@@ -137,13 +149,30 @@ def chunk_file(source: SourceFile, options: ChunkOptions | None = None) -> list[
         while row < len(lines) and not covered[row]:
             row += 1
         gaps.append(_Span(start, row - 1, None, "module"))
+    summaries = {span.symbol: _summary(lines, span) for span in spans if span.kind in CONTAINERS and span.symbol}
     for span in sorted([*spans, *gaps], key=lambda s: (s.start, s.end)):
-        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options)
+        scope = span.symbol.rsplit(".", 1)[0] if span.symbol and "." in span.symbol else None
+        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options,
+                           summaries.get(scope) if scope else None)
     return chunks
 
 
+def _summary(lines: list[str], span: _Span) -> str | None:
+    """The first lines of a definition (up to a blank line), on one line."""
+    kept: list[str] = []
+    for line in lines[span.start:span.end + 1]:
+        if not line.strip():
+            if kept:
+                break
+            continue
+        kept.append(line.strip())
+        if len(kept) == CONTEXT_LINES:
+            break
+    return " ".join(kept)[:CONTEXT_CHARS] or None
+
+
 def _windows(source: SourceFile, lines: list[str], start: int, end: int, symbol: str | None, kind: str,
-             options: ChunkOptions) -> list[Chunk]:
+             options: ChunkOptions, context: str | None = None) -> list[Chunk]:
     """Rows ``start``..``end`` as one chunk, or as overlapping windows when longer than allowed; blank
     edges trimmed, nothing for rows of only blanks and brackets."""
     end = min(end, len(lines) - 1)
@@ -156,12 +185,12 @@ def _windows(source: SourceFile, lines: list[str], start: int, end: int, symbol:
     limit = options.max_lines if symbol is not None else options.window_lines
     if end - start + 1 <= limit:
         return [Chunk(source.path, source.language, start + 1, end + 1, symbol, kind,
-                      "\n".join(lines[start:end + 1]))]
+                      "\n".join(lines[start:end + 1]), context)]
     step = max(1, options.window_lines - options.overlap_lines)
     chunks = []
     for first in range(start, end + 1, step):
         last = min(first + options.window_lines - 1, end)
-        chunks += _windows(source, lines, first, last, symbol, kind, options)
+        chunks += _windows(source, lines, first, last, symbol, kind, options, context)
         if last == end:
             break
     return chunks

@@ -77,7 +77,7 @@ def point_id(repo: str, path: str, index: int) -> str:
 
 
 def _sparse(chunk: Chunk) -> models.SparseVector:
-    indices, values = lexical.document_vector(chunk.text, (chunk.path, chunk.symbol or ""))
+    indices, values = lexical.document_vector(f"{chunk.context or ''}\n{chunk.text}", (chunk.path, chunk.symbol or ""))
     return models.SparseVector(indices=indices, values=values)
 
 
