@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedfleet.codesearch.files import SourceFile
+from embedfleet.codesearch.lexical import words
 
 DEFINITIONS: dict[str, dict[str, str]] = {
     "python": {"function_definition": "function", "class_definition": "class"},
@@ -90,8 +91,11 @@ class Chunk:
     """The summary of the definition this chunk is a member of (see the module's docstring)."""
 
     def embedding_text(self) -> str:
-        """What is embedded: the file's path and the chunk's symbol, its container's summary, then its code."""
+        """What is embedded: the file's path, the chunk's kind and symbol (also as words: ``Pool._eject``
+        gives "pool eject"), its container's summary, then its code."""
         header = f"{self.path}" + (f" {self.kind} {self.symbol}" if self.symbol else "")
+        if self.symbol:
+            header += f" ({' '.join(words(self.symbol))})"
         if self.context:
             header += f"\nin {self.context}"
         return f"{header}\n{self.text}"

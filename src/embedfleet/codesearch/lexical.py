@@ -28,20 +28,24 @@ K1 = 1.2
 B = 0.75
 """BM25's length normalisation."""
 AVERAGE_TERMS = 120.0
-"""BM25's average document length, fixed (about a chunk's terms) so that an incremental index never has to
-re-weigh the chunks it keeps."""
+"""BM25's average document length. Fixed, so that an incremental index never has to re-weigh the chunks it
+keeps; about a chunk's terms with its names (a larger value penalises long chunks less)."""
 NAME_WEIGHT = 3
 """How many times the terms of a chunk's symbol and file path count."""
 MIN_LENGTH = 2
 
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between both
-but by can could did do does doing down during each few for from further had has have having he her here hers
-herself him himself his how i if in into is it its itself just me more most my myself no nor not of off on once
-only or other our ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we were what when where
-which while who whom why will with would you your yours yourself yourselves
-""".split())
+STOP_WORDS = frozenset({
+    "a", "about", "above", "after", "again", "against", "all", "am", "an", "and", "any", "are", "as", "at", "be",
+    "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could", "did", "do",
+    "does", "doing", "down", "during", "each", "few", "for", "from", "further", "had", "has", "have", "having",
+    "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "i", "if", "in", "into", "is", "it",
+    "its", "itself", "just", "me", "more", "most", "my", "myself", "no", "nor", "not", "of", "off", "on", "once",
+    "only", "or", "other", "our", "ours", "ourselves", "out", "over", "own", "same", "she", "should", "so", "some",
+    "such", "than", "that", "the", "their", "theirs", "them", "themselves", "then", "there", "these", "they",
+    "this", "those", "through", "to", "too", "under", "until", "up", "very", "was", "we", "were", "what", "when",
+    "where", "which", "while", "who", "whom", "why", "will", "with", "would", "you", "your", "yours", "yourself",
+    "yourselves",
+})
 """English words too common to tell chunks apart (matched before stemming)."""
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
@@ -57,6 +61,12 @@ def _stemmer() -> snowballstemmer.stemmer:
 def _stem(word: str) -> str:
     stem: str = _stemmer().stemWord(word)
     return stem
+
+
+def words(text: str) -> list[str]:
+    """The words of a text's identifiers, lower-cased, unstemmed (``LmdbStore._resize`` gives ``lmdb``,
+    ``store``, ``resize``)."""
+    return [part.lower() for identifier in _IDENTIFIER.findall(text) for part in _PARTS.findall(identifier)]
 
 
 @functools.lru_cache(maxsize=65536)

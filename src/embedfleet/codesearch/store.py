@@ -77,7 +77,9 @@ def point_id(repo: str, path: str, index: int) -> str:
 
 
 def _sparse(chunk: Chunk) -> models.SparseVector:
-    indices, values = lexical.document_vector(f"{chunk.context or ''}\n{chunk.text}", (chunk.path, chunk.symbol or ""))
+    """A chunk's lexical vector: its container's summary and its code, with its path and symbol as names."""
+    indices, values = lexical.document_vector(f"{chunk.context or ''}\n{chunk.text}",
+                                              (chunk.path, chunk.symbol or ""))
     return models.SparseVector(indices=indices, values=values)
 
 
