@@ -1,4 +1,4 @@
-"""Chunks in Qdrant: one point per chunk with two vectors, its embedding (dense, unnamed) and its lexical terms
+"""Chunks in Qdrant: one point per chunk with two vectors, its embedding (``dense``) and its lexical terms
 (sparse, ``lexical``, BM25-weighted with Qdrant's IDF modifier: :mod:`embedfleet.codesearch.lexical`), and in
 the payload its repository, file, line span, language, symbol, code and the hash of the file it came from
 (what incremental indexing compares).
@@ -33,8 +33,9 @@ T = TypeVar("T")
 _NAMESPACE = uuid.UUID("6f1c2b4e-3a8d-4c55-9e0f-2d7b1a9c8e41")
 INDEXED_FIELDS = ("repo", "path", "language")
 """Payload fields with an index on a server (filters and deletions use them)."""
+DENSE = "dense"
 LEXICAL = "lexical"
-"""The name of the sparse (lexical) vector."""
+"""The names of a point's two vectors: the embedding and the lexical terms."""
 PREFETCH_FACTOR = 4
 PREFETCH_MIN = 40
 """Hybrid search fuses each kind's best ``max(PREFETCH_MIN, PREFETCH_FACTOR * limit)`` chunks."""
@@ -104,6 +105,7 @@ class CodeStore:
         except RuntimeError as exc:  # local mode: the path is open in another process
             raise CodeSearchError(f"cannot open the index at {url}: {exc}") from None
         self.collection = collection
+        self._schema_ok = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="codesearch-qdrant")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -112,29 +114,33 @@ class CodeStore:
     def _exists(self) -> bool:
         return bool(self.client.collection_exists(self.collection))
 
-    def _check_lexical(self) -> None:
-        """CodeSearchError when the collection was built before hybrid search (no sparse vectors)."""
-        sparse = self.client.get_collection(self.collection).config.params.sparse_vectors or {}
-        if LEXICAL not in sparse:
+    def _check_schema(self, dim: int | None = None) -> None:
+        """CodeSearchError when the collection is not one this version reads: built before hybrid search (no
+        named dense and lexical vectors), or for another embedding size than ``dim``. A good answer is
+        remembered (the check is a round trip on a server)."""
+        if self._schema_ok and dim is None:
+            return
+        params = self.client.get_collection(self.collection).config.params
+        dense = params.vectors.get(DENSE) if isinstance(params.vectors, dict) else None
+        if dense is None or LEXICAL not in (params.sparse_vectors or {}):
             raise CodeSearchError(
                 f"the index {self.collection!r} was built by an older embedfleet, without the lexical vectors that "
                 f"search now uses: rebuild it (delete the collection, for the local index its folder "
                 f"DATA_DIR/qdrant, then run `embedfleet codesearch index` again; unchanged chunks come from the "
                 f"embedding cache), or index into a new --collection")
+        if dim is not None and dense.size != dim:
+            raise CodeSearchError(f"the index {self.collection!r} holds {dense.size}-dimensional vectors, the model "
+                                  f"gives {dim}: use another --collection (or the model it was built with)")
+        self._schema_ok = True
 
     def _ensure(self, dim: int) -> None:
         if self._exists():
-            info = self.client.get_collection(self.collection)
-            params = info.config.params.vectors
-            size = params.size if isinstance(params, models.VectorParams) else None
-            if size != dim:
-                raise CodeSearchError(f"the index {self.collection!r} holds {size}-dimensional vectors, the model "
-                                      f"gives {dim}: use another --collection (or the model it was built with)")
-            self._check_lexical()
+            self._check_schema(dim)
             return
         self.client.create_collection(
-            self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+            self.collection, vectors_config={DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
             sparse_vectors_config={LEXICAL: models.SparseVectorParams(modifier=models.Modifier.IDF)})
+        self._schema_ok = True
         if not self.local:
             for field in INDEXED_FIELDS:
                 self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
@@ -142,6 +148,7 @@ class CodeStore:
     def _manifest(self, repo: str) -> dict[str, str]:
         if not self._exists():
             return {}
+        self._check_schema()  # before the indexer changes anything
         files: dict[str, str] = {}
         offset: Any = None
         while True:
@@ -164,7 +171,7 @@ class CodeStore:
         if self._exists():
             self.client.delete(self.collection, points_selector=models.FilterSelector(
                 filter=_filter(repo=repo, path=path) or models.Filter()))
-        points = [models.PointStruct(id=point_id(repo, path, i), vector={"": list(vector), LEXICAL: _sparse(c)},
+        points = [models.PointStruct(id=point_id(repo, path, i), vector={DENSE: list(vector), LEXICAL: _sparse(c)},
                                      payload={
             "repo": repo, "root": root, "path": c.path, "language": c.language, "symbol": c.symbol, "kind": c.kind,
             "start_line": c.start_line, "end_line": c.end_line, "text": c.text, "file_hash": digest,
@@ -190,19 +197,19 @@ class CodeStore:
                 language: str | None) -> list[Hit]:
         if not self._exists():
             return []
+        self._check_schema()
         where = _filter(repo=repo, language=language)
         indices, values = lexical.query_vector(text) if text is not None else ([], [])
         if indices:
-            self._check_lexical()
             depth = max(PREFETCH_MIN, PREFETCH_FACTOR * limit)
             found = self.client.query_points(
                 self.collection, limit=limit, with_payload=True, query=models.FusionQuery(fusion=models.Fusion.RRF),
-                prefetch=[models.Prefetch(query=vector, limit=depth, filter=where),
+                prefetch=[models.Prefetch(query=vector, using=DENSE, limit=depth, filter=where),
                           models.Prefetch(query=models.SparseVector(indices=indices, values=values), using=LEXICAL,
                                           limit=depth, filter=where)])
         else:
-            found = self.client.query_points(self.collection, query=vector, limit=limit, query_filter=where,
-                                             with_payload=True)
+            found = self.client.query_points(self.collection, query=vector, using=DENSE, limit=limit,
+                                             query_filter=where, with_payload=True)
         hits = []
         for point in found.points:
             p = point.payload or {}
