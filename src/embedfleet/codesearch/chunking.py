@@ -6,9 +6,10 @@ the signature, docstring and attributes) and one per member, named ``Class.membe
 one chunk each, with the comments right above them. Lines outside any definition (imports, constants,
 module docstrings) become chunks of their own. A chunk longer than ``max_lines`` is cut into windows.
 
-A member's chunk carries its container's summary (:attr:`Chunk.context`: the first lines of the container's
-header, its signature and the start of its docstring or doc comment), which its embedding and its lexical
-terms include: a method means what it does for its class.
+A definition's chunk carries its context (:attr:`Chunk.context`), which its embedding and its lexical terms
+include: for a member, its container's summary (the first lines of the container's header: its signature and
+the start of its docstring or doc comment), since a method means what it does for its class; for a top-level
+definition, the file's (the first paragraph of its docstring or leading comment), when it has one.
 """
 
 from __future__ import annotations
@@ -88,11 +89,11 @@ class Chunk:
     kind: str
     text: str
     context: str | None = None
-    """The summary of the definition this chunk is a member of (see the module's docstring)."""
+    """The summary of the definition this chunk is a member of, or of its file (see the module's docstring)."""
 
     def embedding_text(self) -> str:
         """What is embedded: the file's path, the chunk's kind and symbol (also as words: ``Pool._eject``
-        gives "pool eject"), its container's summary, then its code."""
+        gives "pool eject"), its context, then its code."""
         header = f"{self.path}" + (f" {self.kind} {self.symbol}" if self.symbol else "")
         if self.symbol:
             header += f" ({' '.join(words(self.symbol))})"
@@ -154,11 +155,20 @@ def chunk_file(source: SourceFile, options: ChunkOptions | None = None) -> list[
             row += 1
         gaps.append(_Span(start, row - 1, None, "module"))
     summaries = {span.symbol: _summary(lines, span) for span in spans if span.kind in CONTAINERS and span.symbol}
+    module = _module_summary(lines)
     for span in sorted([*spans, *gaps], key=lambda s: (s.start, s.end)):
         scope = span.symbol.rsplit(".", 1)[0] if span.symbol and "." in span.symbol else None
-        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options,
-                           summaries.get(scope) if scope else None)
+        context = summaries.get(scope) if scope else (module if span.symbol else None)
+        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options, context)
     return chunks
+
+
+def _module_summary(lines: list[str]) -> str | None:
+    """The first paragraph of a file's docstring or leading comment (not its code)."""
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith("#!")), None)
+    if first is None or not (COMMENT.match(lines[first]) or lines[first].lstrip()[:3] in ('"""', "'''")):
+        return None
+    return _summary(lines, _Span(first, len(lines) - 1, None, "module"))
 
 
 def _summary(lines: list[str], span: _Span) -> str | None:

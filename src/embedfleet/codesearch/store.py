@@ -78,7 +78,7 @@ def point_id(repo: str, path: str, index: int) -> str:
 
 
 def _sparse(chunk: Chunk) -> models.SparseVector:
-    """A chunk's lexical vector: its container's summary and its code, with its path and symbol as names."""
+    """A chunk's lexical vector: its context and its code, with its path and symbol as names."""
     indices, values = lexical.document_vector(f"{chunk.context or ''}\n{chunk.text}",
                                               (chunk.path, chunk.symbol or ""))
     return models.SparseVector(indices=indices, values=values)
