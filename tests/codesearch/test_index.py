@@ -178,7 +178,13 @@ def test_cli_index_search_status_and_errors(gateway: GatewayProcess, tmp_path: P
     status = _cli("status", *data)
     assert status.returncode == 0 and "demo" in status.stdout and "typescript" in status.stdout
 
+    legacy = QdrantClient(path=str(tmp_path / "legacy" / "qdrant"))  # an index an older embedfleet built
+    legacy.create_collection("codesearch", vectors_config=models.VectorParams(size=384,
+                                                                              distance=models.Distance.COSINE))
+    legacy.close()
     for args, message in (
+        (["search", "x", "--url", gateway.url, "--model", "minilm", "--data-dir", str(tmp_path / "legacy")],
+         "built by an older embedfleet"),
         (["index", str(tmp_path / "missing"), *remote], "is not a folder"),
         (["index", str(root), "--url", "http://127.0.0.1:9", *data], "ConnectError"),
         (["index", "https://127.0.0.1:9/nothing.git", *remote], "git could not fetch"),
