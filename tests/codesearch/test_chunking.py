@@ -87,3 +87,24 @@ def test_blank_and_unparsable_files() -> None:
     text = "x = 1\n" * 5
     assert [c.text for c in fixed_chunks(SourceFile("a.py", "python", text, "h"), size=12)] == [
         "x = 1\nx = 1\n", "x = 1\nx = 1\n", "x = 1\n"]
+
+
+def test_definitions_carry_their_containers_summary_into_what_is_embedded() -> None:
+    python = _by_symbol(_chunks("billing/payments.py", samples.PYTHON))
+    assert python["Invoice.total"].context == '@dataclass class Invoice: """An invoice with lines."""'
+    assert python["Invoice.tax"].context == python["Invoice.total"].context
+    # Top-level definitions: the module's docstring; code outside definitions: nothing.
+    assert python["round_cents"].context == python["Invoice"].context == '"""Payment helpers."""'
+    assert python[None].context is None
+    embedded = python["Invoice.total"].embedding_text().splitlines()
+    assert embedded[:2] == ["billing/payments.py method Invoice.total (invoice total)",
+                            'in @dataclass class Invoice: """An invoice with lines."""']
+    assert embedded[2:] == python["Invoice.total"].text.splitlines()
+    rust = _by_symbol(_chunks("counter/src/lib.rs", samples.RUST))
+    assert rust["Counter.add"].context == "impl Counter {"
+    typescript = _by_symbol(_chunks("web/users.ts", samples.TYPESCRIPT))
+    assert typescript["UserService.findByName"].context == "export class UserService { private users: User[] = [];"
+    go = _by_symbol(_chunks("server/server.go", samples.GO))
+    assert go["Handle"].context is None  # a Go method is not nested in its type; the file starts with code
+    commented = _by_symbol(_chunks("lib.go", "// Package lib adds.\n// More.\n\npackage lib\n\nfunc Add() {}\n"))
+    assert commented["Add"].context == "// Package lib adds. // More."

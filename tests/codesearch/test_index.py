@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from qdrant_client import QdrantClient, models
 
 from embedfleet.codesearch.embedder import Embedder
 from embedfleet.codesearch.errors import CodeSearchError
 from embedfleet.codesearch.index import Indexer, IndexReport
+from embedfleet.codesearch.lexical import term_id
 from embedfleet.codesearch.search import search
-from embedfleet.codesearch.store import CodeStore, Hit
+from embedfleet.codesearch.store import DENSE, LEXICAL, CodeStore, Hit, point_id
 from tests.codesearch import samples
 from tests.helpers import GatewayProcess
 
@@ -108,6 +110,48 @@ def test_rerank_reorders_candidates_by_the_reranker(gateway: GatewayProcess, tmp
         _search(gateway, qdrant, "   ")
 
 
+def test_hybrid_search_and_an_index_built_before_it(gateway: GatewayProcess, tmp_path: Path) -> None:
+    qdrant = f"qdrant+local://{tmp_path / 'qdrant'}"
+    root = samples.write_repo(tmp_path / "demo")
+    _index(gateway, qdrant, root, "demo")
+    # Each point holds its embedding and its lexical terms (its symbol's among them).
+    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    try:
+        point = client.retrieve("codesearch", [point_id("demo", "billing/payments.py", 1)], with_vectors=True)[0]
+    finally:
+        client.close()
+    assert isinstance(point.vector, dict) and len(point.vector[DENSE]) == 384  # type: ignore[arg-type]
+    sparse = point.vector[LEXICAL]
+    assert isinstance(sparse, models.SparseVector) and {term_id("round"), term_id("cent")} <= set(sparse.indices)
+
+    # An identifier named in the query is found by the lexical half, whatever the embedding makes of it.
+    hybrid = _search(gateway, qdrant, "retryWithBackoff attempts", limit=3)
+    assert hybrid[0].symbol == "retryWithBackoff" and hybrid[0].score > hybrid[-1].score
+    dense = _search(gateway, qdrant, "retryWithBackoff attempts", limit=3, hybrid=False)
+    assert len(dense) == 3 and all(-1 <= h.score <= 1 for h in dense)  # cosine, not fused ranks
+    assert {h.language for h in _search(gateway, qdrant, "round cents", limit=5, language="go")} == {"go"}
+
+    # An index an older embedfleet built (one unnamed vector): a clear message to rebuild it, nothing changed.
+    legacy = tmp_path / "legacy"
+    client = QdrantClient(path=str(legacy))
+    client.create_collection("codesearch", vectors_config=models.VectorParams(size=384,
+                                                                              distance=models.Distance.COSINE))
+    client.upsert("codesearch", [models.PointStruct(id=point_id("demo", "gone.py", 0), vector=[0.05] * 384, payload={
+        "repo": "demo", "root": str(root), "path": "gone.py", "language": "python", "symbol": "f", "kind": "function",
+        "start_line": 1, "end_line": 2, "text": "def f():\n    pass", "file_hash": "0"})])
+    client.close()
+    old = f"qdrant+local://{legacy}"
+    for attempt in (lambda: _search(gateway, old, "round cents"), lambda: _search(gateway, old, "x", hybrid=False),
+                    lambda: _index(gateway, old, root, "demo")):
+        with pytest.raises(CodeSearchError, match=r"built by an older embedfleet.*rebuild it"):
+            attempt()
+    client = QdrantClient(path=str(legacy))
+    try:
+        assert client.count("codesearch").count == 1  # the indexer stopped before removing gone.py
+    finally:
+        client.close()
+
+
 def _cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "embedfleet.cli", "codesearch", *args], capture_output=True,
                           text=True, timeout=timeout,
@@ -134,7 +178,13 @@ def test_cli_index_search_status_and_errors(gateway: GatewayProcess, tmp_path: P
     status = _cli("status", *data)
     assert status.returncode == 0 and "demo" in status.stdout and "typescript" in status.stdout
 
+    legacy = QdrantClient(path=str(tmp_path / "legacy" / "qdrant"))  # an index an older embedfleet built
+    legacy.create_collection("codesearch", vectors_config=models.VectorParams(size=384,
+                                                                              distance=models.Distance.COSINE))
+    legacy.close()
     for args, message in (
+        (["search", "x", "--url", gateway.url, "--model", "minilm", "--data-dir", str(tmp_path / "legacy")],
+         "built by an older embedfleet"),
         (["index", str(tmp_path / "missing"), *remote], "is not a folder"),
         (["index", str(root), "--url", "http://127.0.0.1:9", *data], "ConnectError"),
         (["index", "https://127.0.0.1:9/nothing.git", *remote], "git could not fetch"),

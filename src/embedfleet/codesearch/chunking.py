@@ -5,6 +5,11 @@ A class (impl, trait, module, interface) with members gives one chunk for its he
 the signature, docstring and attributes) and one per member, named ``Class.member``; other definitions are
 one chunk each, with the comments right above them. Lines outside any definition (imports, constants,
 module docstrings) become chunks of their own. A chunk longer than ``max_lines`` is cut into windows.
+
+A definition's chunk carries its context (:attr:`Chunk.context`), which its embedding and its lexical terms
+include: for a member, its container's summary (the first lines of the container's header: its signature and
+the start of its docstring or doc comment), since a method means what it does for its class; for a top-level
+definition, the file's (the first paragraph of its docstring or leading comment), when it has one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedfleet.codesearch.files import SourceFile
+from embedfleet.codesearch.lexical import words
 
 DEFINITIONS: dict[str, dict[str, str]] = {
     "python": {"function_definition": "function", "class_definition": "class"},
@@ -53,6 +59,10 @@ WRAPPERS = frozenset({"decorated_definition", "export_statement", "template_decl
 FUNCTION_VALUES = frozenset({"arrow_function", "function_expression", "function", "generator_function", "class"})
 """``const f = <one of these>`` defines ``f`` in JavaScript and TypeScript."""
 
+CONTEXT_LINES = 3
+CONTEXT_CHARS = 300
+"""A container's summary: at most this many lines of its header (up to its first blank line), this long."""
+
 COMMENT = re.compile(r"^\s*(#|//|/\*|\*|--|;;)")
 ONLY_PUNCTUATION = re.compile(r"^[\s{}()\[\];,]*$")
 
@@ -78,10 +88,17 @@ class Chunk:
     symbol: str | None
     kind: str
     text: str
+    context: str | None = None
+    """The summary of the definition this chunk is a member of, or of its file (see the module's docstring)."""
 
     def embedding_text(self) -> str:
-        """What is embedded: the file's path and the chunk's symbol, then its code."""
+        """What is embedded: the file's path, the chunk's kind and symbol (also as words: ``Pool._eject``
+        gives "pool eject"), its context, then its code."""
         header = f"{self.path}" + (f" {self.kind} {self.symbol}" if self.symbol else "")
+        if self.symbol:
+            header += f" ({' '.join(words(self.symbol))})"
+        if self.context:
+            header += f"\nin {self.context}"
         return f"{header}\n{self.text}"
 
 
@@ -137,13 +154,39 @@ def chunk_file(source: SourceFile, options: ChunkOptions | None = None) -> list[
         while row < len(lines) and not covered[row]:
             row += 1
         gaps.append(_Span(start, row - 1, None, "module"))
+    summaries = {span.symbol: _summary(lines, span) for span in spans if span.kind in CONTAINERS and span.symbol}
+    module = _module_summary(lines)
     for span in sorted([*spans, *gaps], key=lambda s: (s.start, s.end)):
-        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options)
+        scope = span.symbol.rsplit(".", 1)[0] if span.symbol and "." in span.symbol else None
+        context = summaries.get(scope) if scope else (module if span.symbol else None)
+        chunks += _windows(source, lines, span.start, span.end, span.symbol, span.kind, options, context)
     return chunks
 
 
+def _module_summary(lines: list[str]) -> str | None:
+    """The first paragraph of a file's docstring or leading comment (not its code)."""
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith("#!")), None)
+    if first is None or not (COMMENT.match(lines[first]) or lines[first].lstrip()[:3] in ('"""', "'''")):
+        return None
+    return _summary(lines, _Span(first, len(lines) - 1, None, "module"))
+
+
+def _summary(lines: list[str], span: _Span) -> str | None:
+    """The first lines of a definition (up to a blank line), on one line."""
+    kept: list[str] = []
+    for line in lines[span.start:span.end + 1]:
+        if not line.strip():
+            if kept:
+                break
+            continue
+        kept.append(line.strip())
+        if len(kept) == CONTEXT_LINES:
+            break
+    return " ".join(kept)[:CONTEXT_CHARS] or None
+
+
 def _windows(source: SourceFile, lines: list[str], start: int, end: int, symbol: str | None, kind: str,
-             options: ChunkOptions) -> list[Chunk]:
+             options: ChunkOptions, context: str | None = None) -> list[Chunk]:
     """Rows ``start``..``end`` as one chunk, or as overlapping windows when longer than allowed; blank
     edges trimmed, nothing for rows of only blanks and brackets."""
     end = min(end, len(lines) - 1)
@@ -156,12 +199,12 @@ def _windows(source: SourceFile, lines: list[str], start: int, end: int, symbol:
     limit = options.max_lines if symbol is not None else options.window_lines
     if end - start + 1 <= limit:
         return [Chunk(source.path, source.language, start + 1, end + 1, symbol, kind,
-                      "\n".join(lines[start:end + 1]))]
+                      "\n".join(lines[start:end + 1]), context)]
     step = max(1, options.window_lines - options.overlap_lines)
     chunks = []
     for first in range(start, end + 1, step):
         last = min(first + options.window_lines - 1, end)
-        chunks += _windows(source, lines, first, last, symbol, kind, options)
+        chunks += _windows(source, lines, first, last, symbol, kind, options, context)
         if last == end:
             break
     return chunks
