@@ -214,6 +214,7 @@ class Results:
     worker_rss_mb: dict[str, list[float | None]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # variant: why it was not measured
     cpu_us: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant: set: stage: µs
+    served: dict[str, tuple[str, str]] = field(default_factory=dict)  # single-worker variant: (backend, dtype)
 
     def skip(self, variant: str, reason: str, log: Console) -> None:
         """Record a variant that could not be measured, and say why."""
@@ -571,6 +572,9 @@ def _measure_http_row(variant: str, url: str, pids: Callable[[], list[float | No
     (its main thread: HTTP, validation, JSON), tokenization (the same texts tokenized here), and inference
     (the rest: the runtime's threads and their callers)."""
     log.print(f"  {variant:<24} ready after {time.monotonic() - started:.0f} s")
+    if pid is not None:
+        info = httpx.get(f"{url}/info", timeout=30).json()
+        results.served[variant] = (info["backend"], info["model_dtype"])
     for s in sets:
         log.print(f"  {variant:<24} {s.name}")
         if pid is not None:
@@ -579,9 +583,9 @@ def _measure_http_row(variant: str, url: str, pids: Callable[[], list[float | No
         results.add(variant, s.name, rate, vectors)
         if pid is not None and tok is not None:
             count = 2 * len(s.texts)  # http_rate's warm-up and timed passes
-            loop_cpu = _cpu_seconds(pid, pid) - loop_cpu
-            tokenize = 2 * _tokenize_seconds(tok, s.texts)
-            inference = _cpu_seconds(pid) - cpu - loop_cpu - tokenize
+            cpu, loop_cpu = _cpu_seconds(pid) - cpu, _cpu_seconds(pid, pid) - loop_cpu
+            tokenize = 2 * _tokenize_seconds(tok, s.texts)  # an estimate: the same texts, tokenized here
+            inference = cpu - loop_cpu - tokenize
             results.cpu_us[variant] = results.cpu_us.get(variant, {}) | {s.name: {
                 stage: round(seconds / count * 1e6, 1) for stage, seconds in
                 (("event loop", loop_cpu), ("tokenization", tokenize), ("inference and the rest", inference))}}
@@ -688,6 +692,13 @@ def bench_side_by_side(info: ModelInfo, sets: list[TextSet], results: Results, s
         bench_our_rows(info, sets, results, root, log)
 
 
+def ceiling_of(results: Results) -> dict[str, str]:
+    """The ceiling row of each single-worker row that runs what a ceiling measures (its /info said so)."""
+    by_dtype = {dtype: variant for variant, dtype in CEILINGS}
+    return {variant: by_dtype[dtype] for variant, (backend, dtype) in results.served.items()
+            if backend == "openvino" and dtype in by_dtype}
+
+
 def side_by_side_checks(results: Results, sets: list[TextSet]) -> tuple[list[Check], list[Check]]:
     """(f)'s ratios and cosines, with the issue's targets: the default worker against the best peer, the
     float32 worker against sentence-transformers fp32, the default fleet against the best peer."""
@@ -709,8 +720,7 @@ def side_by_side_checks(results: Results, sets: list[TextSet]) -> tuple[list[Che
         for num, den, target in (("ef_worker_float32", "st_fp32", 1.15), ("infinity_bf16", "st_bf16", None),
                                  ("infinity_fp32", "st_fp32", None), ("ceiling_openvino_bf16", "st_bf16", None),
                                  ("ceiling_openvino_f32", "st_fp32", None),
-                                 ("ef_worker_default", "ceiling_openvino_bf16", None),
-                                 ("ef_worker_float32", "ceiling_openvino_f32", None)):
+                                 *((worker, ceiling, None) for worker, ceiling in ceiling_of(results).items())):
             if s.name in r.get(num, {}) and s.name in r.get(den, {}):
                 ratios.append(Check(f"{s.name}: {num} / {den}", r[num][s.name] / r[den][s.name], target))
         if s.name not in v.get(REFERENCE, {}):

@@ -152,3 +152,25 @@ def test_the_gateway_body_limit_fits_a_full_batch_and_no_more_than_a_few_of_them
     longest_id = len("30521, ")  # a BERT vocabulary's largest id, with its separator
     full_batch = settings.max_client_batch_size * 512 * longest_id
     assert full_batch <= settings.payload_limit <= 2 * full_batch
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000\n", 4), ("200000 100000\n", 2), ("150000 100000\n", 2),
+                                                   ("50000 100000\n", 1), (None, 4), ("garbage\n", 4)])
+def test_usable_cpus_follows_affinity_and_the_cgroup_quota(monkeypatch: pytest.MonkeyPatch, cpu_max: str | None,
+                                                           expected: int) -> None:
+    import os
+
+    from embedfleet import config
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    real_read = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if str(self) == "/sys/fs/cgroup/cpu.max":
+            if cpu_max is None:
+                raise FileNotFoundError(self)
+            return cpu_max
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert config.usable_cpus() == expected

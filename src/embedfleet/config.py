@@ -70,6 +70,19 @@ def normalize_device(value: str, *, auto: bool = False, index: bool = False) -> 
     raise ValueError(f"device {value!r} is not {', '.join(accepted[:-1])} or {accepted[-1]}")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (where the OS has one), capped by a cgroup v2 CPU
+    quota (``docker --cpus``, Kubernetes limits), rounded up; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def default_data_dir() -> Path:
     """Where derived files (exported ONNX graphs) live by default."""
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -242,7 +255,7 @@ class WorkerSettings(Settings):
     max_concurrent_requests: int = Field(512, ge=1, description="requests in flight; more get 429 at once")
     auto_truncate: bool = Field(True, description="truncate inputs longer than the model's maximum (a request's "
                                                   "`truncate` still wins); off: refuse them with 422")
-    tokenization_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1,
+    tokenization_workers: int = Field(default_factory=lambda: min(4, usable_cpus()), ge=1,
                                       description="tokenizer threads (default: the cores, at most 4)")
     payload_limit: int = Field(2_000_000, ge=1, description="largest request body in bytes")
     data_dir: Path = Field(default_factory=default_data_dir, description="where exported ONNX graphs are cached")

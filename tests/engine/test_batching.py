@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedfleet.engine import errors
 from embedfleet.engine.backends import create_backend
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.batching import Batcher
@@ -127,3 +128,25 @@ def test_batches_run_on_every_stream_at_once(data_dir: Path) -> None:
 
     asyncio.run(main())
     assert counted.most == 2  # two batches ran at the same time, never more
+
+
+class _DropsARow(_Overlap):
+    """The real backend, answering one row short: a broken runtime the batcher must not wait on for ever."""
+
+    def forward(self, batch: PaddedBatch, output: Output) -> np.ndarray:
+        return super().forward(batch, output)[1:]
+
+
+def test_a_batch_answered_short_fails_its_inputs_instead_of_hanging(backend: Backend) -> None:
+    async def main() -> None:
+        batcher = Batcher(_DropsARow(backend), max_batch_tokens=2048, max_batch_requests=16, metrics=EngineMetrics())
+        batcher.start()
+        with pytest.raises(errors.EngineError, match="returned 2 rows for a batch of 3"):
+            await asyncio.wait_for(batcher.submit([_item(4), _item(5), _item(6)], Output.POOLED), 60)
+        assert batcher.failed_in_a_row == 1
+        with pytest.raises(errors.EngineError):  # the batcher still runs: the next batch fails the same way
+            await asyncio.wait_for(batcher.submit([_item(4)], Output.POOLED), 60)
+        assert batcher.failed_in_a_row == 2
+        await batcher.close()
+
+    asyncio.run(main())

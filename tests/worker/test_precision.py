@@ -3,12 +3,12 @@ and its vectors stay within the accuracy gate of sentence-transformers' fp32 one
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from embedfleet.config import usable_cpus
 from embedfleet.engine.backends.choice import GATE_MIN_COSINE, native_bf16
 from tests.helpers import WorkerProcess
 
@@ -31,7 +31,7 @@ def test_default_worker_reports_and_keeps_its_precision(start_worker: object, de
     assert info["quantization"] is None
     assert info["backend_selection"] in w.log()  # the start-up line says the same
     if info["backend"] == "openvino":  # one single-thread stream per core, each running its own batches
-        assert info["inference_streams"] == len(os.sched_getaffinity(0))
+        assert info["inference_streams"] == usable_cpus()
     assert f"streams={info['inference_streams']}" in w.log()
 
     got = np.array(w.post("/embed", {"inputs": TEXTS}).json(), dtype=np.float32)

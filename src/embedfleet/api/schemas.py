@@ -230,6 +230,7 @@ class Info(BaseModel):
     device: str
     quantization: str | None = None
     backend_selection: str = Field("", description="what chose the backend and dtype, and why (--dtype auto)")
+    inference_streams: int = Field(1, description="batches the backend runs at once")
     revision: str | None = None
 
 

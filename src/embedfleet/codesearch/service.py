@@ -6,7 +6,6 @@ across runs). It is stopped (SIGTERM, then SIGKILL) when the command ends."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from types import TracebackType
 import httpx
 
 from embedfleet.codesearch.errors import CodeSearchError
-from embedfleet.config import CodesearchSettings
+from embedfleet.config import CodesearchSettings, usable_cpus
 
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 20.0
@@ -53,7 +52,7 @@ class LocalService:
         s = self.settings
         lines = ["[fleet]", f"state_dir = {_toml(folder / 'state')}", "",
                  "[[fleet.instances]]", 'name = "embed"', f"model = {_toml(s.model or 'default')}",
-                 f"replicas = {s.replicas or max(1, os.cpu_count() or 1)}", "threads = 1", ""]
+                 f"replicas = {s.replicas or usable_cpus()}", "threads = 1", ""]
         if self.with_reranker:
             lines += ["[[fleet.instances]]", 'name = "rerank"', f"model = {_toml(s.reranker)}",
                       f'served_name = "{RERANKER_POOL}"', 'task = "reranker"', "threads = 1", ""]

@@ -189,17 +189,27 @@ class Batcher:
                     w.future.set_exception(err)
             return
         elapsed = time.perf_counter() - started
+        try:
+            if values.shape[0] != len(batch):
+                raise errors.backend(f"inference returned {values.shape[0]} rows for a batch of {len(batch)}")
+            for row, w in enumerate(batch):
+                if not w.future.done():
+                    value = values[row, : w.length] if output is Output.TOKENS else values[row]
+                    w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
+        except errors.EngineError as exc:  # no input may wait for ever on a batch that went wrong
+            log.error("batch of %d: %s", len(batch), exc)
+            self.metrics.batch_inference_failure.labels(output.value).inc()
+            self.failed_in_a_row += 1
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+            return
         self.failed_in_a_row = 0
         m = self.metrics
         m.batch_next_size.observe(len(batch))
         m.batch_next_tokens.observe(padded)
         m.batch_inference_duration.labels(output.value).observe(elapsed)
         m.batch_inference_success.labels(output.value).inc()
-        for row, w in enumerate(batch):
-            if w.future.done():
-                continue
-            value = values[row, : w.length] if output is Output.TOKENS else values[row]
-            w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
 
     def _forward(self, items: list[Encoded], output: Output) -> tuple[int, np.ndarray]:
         padded = PaddedBatch.from_encoded(items)

@@ -8,14 +8,13 @@ the admin API are kept as they are until deleted through it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, ValidationError
 
-from embedfleet.config import ConfigError, FleetSettings
+from embedfleet.config import ConfigError, FleetSettings, usable_cpus
 from embedfleet.fleet.devices import DeviceError, parse_device, spread
 from embedfleet.fleet.spec import InstanceRequest, InstanceSpec
 
@@ -50,7 +49,7 @@ def request_devices(request: InstanceRequest, gpus: list[str], devices: list[str
 
 def declared(settings: FleetSettings, gpus: list[str], cpus: int | None = None) -> list[InstanceSpec]:
     """The instances the configuration asks for; ConfigError if it is invalid."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     try:
         if settings.instances:
             specs: list[InstanceSpec] = []

@@ -281,6 +281,8 @@ class EmbeddingService:
         try:
             return await asyncio.shield(task)
         except EngineError as exc:
+            if exc.input is None:  # the common case (overloaded, unhealthy): no positions to work out
+                raise
             raise exc.remapped([*(request.input_keys.index(k) for k in mine), *(i for i, _ in raw)]) from None
 
     async def _await_shared(self, request: _Request, waiting: dict[bytes, asyncio.Future[Entry]],

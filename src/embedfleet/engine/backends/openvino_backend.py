@@ -17,13 +17,13 @@ needs it (softmax, normalisation).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedfleet.config import usable_cpus
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.backends.onnx_backend import prepare
 from embedfleet.engine.model import ModelError, ModelInfo, Task
@@ -65,23 +65,25 @@ class OpenVinoBackend(Backend):
         self.device = "cpu"
         self.dtype = dtype
         path = prepare(info, cache_dir, optimize=False)
-        total = threads or len(os.sched_getaffinity(0))
-        self.streams = max(1, min(streams or total, total))
+        total = threads or usable_cpus()
+        streams = max(1, min(streams or total, total))
         core = ov.Core()
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": PRECISION_HINTS[dtype],
-            "NUM_STREAMS": self.streams,
+            "NUM_STREAMS": streams,
             "INFERENCE_NUM_THREADS": total,
             # Pinning would put every worker of a fleet (one per core, each single-threaded) on the same cores.
             "ENABLE_CPU_PINNING": False,
             # One cache folder per precision, threads and streams: with a shared folder, OpenVINO 2026.4 loads
             # a bf16 model compiled after an f32 one of the same graph as NaNs (reproduced in tests/engine).
-            "CACHE_DIR": str(cache_dir / "openvino" / f"{dtype}-t{total}-s{self.streams}"),
+            "CACHE_DIR": str(cache_dir / "openvino" / f"{dtype}-t{total}-s{streams}"),
         }
         try:
             self.compiled = core.compile_model(str(path), "CPU", config)
         except RuntimeError as exc:
             raise ModelError(f"OpenVINO cannot compile {info.model_id}: {exc}") from exc
+        # What OpenVINO compiled, which may be fewer streams than asked (it caps them by the cores it sees).
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()  # one per stream, each used by one thread
         for _ in range(self.streams):
             self._requests.put(self.compiled.create_infer_request())
