@@ -19,7 +19,7 @@ What is measured, on the same deterministic synthetic English-like texts (2,000 
     and ``--backend onnx``, and the ``embedfleet serve`` default fleet (cache off). A row that cannot start
     (a flag this build does not know, say) is reported skipped with the reason; the others still run.
     Beside them, the ceilings of the default worker's runtime: OpenVINO bf16 and f32 alone in this process,
-    texts tokenized beforehand, one batch of 32 on each stream at once.
+    texts tokenized beforehand and batched as the worker batches them, one batch on each stream at once.
 
 Every measurement runs one untimed warm-up pass over its texts, then one timed pass
 (``time.perf_counter``); the vectors compared below come from the timed pass. The HTTP clients
@@ -93,7 +93,7 @@ from embedfleet.config import default_data_dir
 from embedfleet.engine.backends import create_backend
 from embedfleet.engine.backends.base import Backend, Output, PaddedBatch
 from embedfleet.engine.model import ModelInfo, inspect
-from embedfleet.engine.tokenization import Tokenization
+from embedfleet.engine.tokenization import Encoded, Tokenization
 
 T = TypeVar("T")
 
@@ -651,11 +651,29 @@ def _all(pool: concurrent.futures.Executor, forward: Callable[[PaddedBatch], np.
     return list(pool.map(forward, batches))
 
 
+def ceiling_batches(encoded: list[Encoded], budget: int | None) -> list[PaddedBatch]:
+    """Inputs in input order, cut into batches as the worker's batcher would size them: at most ``BATCH``
+    inputs and ``budget`` padded tokens (the backend's preferred batch size) each."""
+    batches: list[PaddedBatch] = []
+    start = 0
+    while start < len(encoded):
+        end, width = start + 1, encoded[start].length
+        while end < len(encoded) and end - start < BATCH:
+            wider = max(width, encoded[end].length)
+            if budget is not None and wider * (end - start + 1) > budget:
+                break
+            end, width = end + 1, wider
+        batches.append(PaddedBatch.from_encoded(encoded[start:end]))
+        start = end
+    return batches
+
+
 def bench_ceilings(info: ModelInfo, sets: list[TextSet], results: Results, log: Console) -> None:
     """What the hardware gives the default worker's runtime: OpenVINO alone in this process, the texts
-    tokenized beforehand (untimed) in batches of ``BATCH`` in input order, one batch on each of its streams
-    at once (as the worker runs them). No HTTP, JSON, tokenization or batching: a worker's share of this
-    row is what serving costs."""
+    tokenized beforehand (untimed) and cut in input order into batches the size the worker's batcher makes
+    (:func:`ceiling_batches`), one batch on each of its streams at once (as the worker runs them). No HTTP,
+    JSON, tokenization or dynamic batching: a worker's share of this row is what serving costs. The worker
+    sorts waiting inputs by length, so on mixed lengths it can pad less than this row, and pass it."""
     from embedfleet.engine.backends.openvino_backend import OpenVinoBackend, available
 
     tok = Tokenization(info.path, info.max_input_length)
@@ -666,8 +684,7 @@ def bench_ceilings(info: ModelInfo, sets: list[TextSet], results: Results, log: 
         backend = OpenVinoBackend(info, default_data_dir(), dtype=dtype)
         for s in sets:
             log.print(f"  {variant:<24} {s.name} ({backend.streams} streams)")
-            batches = [PaddedBatch.from_encoded(tok.encode(s.texts[i:i + BATCH], truncate=True))
-                       for i in range(0, len(s.texts), BATCH)]
+            batches = ceiling_batches(tok.encode(s.texts, truncate=True), backend.preferred_batch_tokens)
             forward = functools.partial(backend.forward, output=Output.POOLED)
             with concurrent.futures.ThreadPoolExecutor(backend.streams) as pool:
                 rate, parts = measure(len(s.texts), functools.partial(_all, pool, forward, batches))
