@@ -8,13 +8,58 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+import trustme
 
 START_TIMEOUT_S = 240.0
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM a process that still runs, then SIGKILL it if it has not exited after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA's files: a server certificate for 127.0.0.1 with its key, the CA certificate, and a client
+    certificate (``client``: its key and chain in one PEM file; ``client_cert``: the same as trustme's object)."""
+
+    ca: trustme.CA
+    cert: Path
+    key: Path
+    ca_file: Path
+    client: Path
+    client_cert: trustme.LeafCert
+
+    @classmethod
+    def make(cls, folder: Path, client_name: str = "client@example.test") -> TlsFiles:
+        """Issue the certificates and write them into ``folder``."""
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1")
+        files = cls(ca, folder / "cert.pem", folder / "key.pem", folder / "ca.pem", folder / "client.pem",
+                    ca.issue_cert(client_name))
+        server.private_key_and_cert_chain_pem.write_to_path(str(files.cert))
+        server.private_key_pem.write_to_path(str(files.key))
+        ca.cert_pem.write_to_path(str(files.ca_file))
+        files.client_cert.private_key_and_cert_chain_pem.write_to_path(str(files.client))
+        return files
+
+    @property
+    def server_args(self) -> list[str]:
+        """A gateway's flags for HTTPS that asks clients for a certificate of this CA (mTLS)."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-client-ca", str(self.ca_file)]
 
 
 def free_port() -> int:
@@ -106,14 +151,8 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()

@@ -11,13 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
-import trustme
 from typer.testing import CliRunner
 
 from embedfleet.bench.report import TEI_KEYS
 from embedfleet.cli import app
 from tests.gateway.support import LoopbackServer
-from tests.helpers import GatewayProcess, WorkerProcess, free_port
+from tests.helpers import GatewayProcess, TlsFiles, WorkerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +87,9 @@ def test_errors_are_counted_not_fatal(gateway: GatewayProcess, worker: WorkerPro
 
 
 def test_mtls_target(worker: WorkerProcess, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    cert, key, ca_file, client = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem", "client.pem"))
-    server.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    server.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    ca.issue_cert("bench@example.test").private_key_and_cert_chain_pem.write_to_path(str(client))
-    g = GatewayProcess(["--upstream", worker.url, "--cache", "memory://", "--tls-cert", str(cert), "--tls-key",
-                        str(key), "--tls-client-ca", str(ca_file)], tmp_path, tmp_path)
+    tls = TlsFiles.make(tmp_path, "bench@example.test")
+    ca_file, client = tls.ca_file, tls.client
+    g = GatewayProcess(["--upstream", worker.url, "--cache", "memory://", *tls.server_args], tmp_path, tmp_path)
     g.url = g.url.replace("http://", "https://")
     g.verify = ssl.create_default_context(cafile=str(ca_file))
     g.verify.load_cert_chain(str(client))

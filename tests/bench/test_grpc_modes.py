@@ -16,12 +16,11 @@ from typing import Any
 
 import orjson
 import pytest
-import trustme
 from typer.testing import CliRunner
 
 from embedfleet.cli import app
 from tests.grpc.conftest import GrpcGateway, wait_grpc
-from tests.helpers import WorkerProcess, free_port
+from tests.helpers import TlsFiles, WorkerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -90,15 +89,10 @@ def test_arrow_over_grpc_and_http_compared(gateway: GrpcGateway, tmp_path: Path)
 
 
 def test_grpcs_with_mtls_and_api_key(worker: WorkerProcess, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    cert, key, ca_file, client = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem", "client.pem"))
-    server.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    server.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    ca.issue_cert("bench@example.test").private_key_and_cert_chain_pem.write_to_path(str(client))
-    g = GrpcGateway(["--upstream", worker.url, "--cache", "memory://", "--api-key", KEY, "--tls-cert", str(cert),
-                     "--tls-key", str(key), "--tls-client-ca", str(ca_file)], tmp_path)
+    files = TlsFiles.make(tmp_path, "bench@example.test")
+    ca_file, client = files.ca_file, files.client
+    g = GrpcGateway(["--upstream", worker.url, "--cache", "memory://", "--api-key", KEY, *files.server_args],
+                    tmp_path)
     g.url = g.url.replace("http://", "https://")
     g.verify = ssl.create_default_context(cafile=str(ca_file))
     g.verify.load_cert_chain(str(client))

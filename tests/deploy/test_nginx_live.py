@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from embedfleet.cli import app
 from embedfleet.deploy.healthcheck import healthy
 from tests.gateway.support import wait_for
-from tests.helpers import GatewayProcess, WorkerProcess, free_port
+from tests.helpers import GatewayProcess, WorkerProcess, free_port, stop_process
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("nginx") is None,
@@ -53,13 +53,7 @@ class Nginx:
                                          stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        stop_process(self.proc)
 
 
 @pytest.fixture

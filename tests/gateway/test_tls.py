@@ -7,27 +7,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import trustme
 
-from tests.helpers import GatewayProcess, WorkerProcess
+from tests.helpers import GatewayProcess, TlsFiles, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 
 def test_https_and_mtls(start_worker: object, tmp_path: Path) -> None:
     worker: WorkerProcess = start_worker()  # type: ignore[operator]
-    ca = trustme.CA()
-    server_cert = ca.issue_cert("127.0.0.1")
-    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    server_cert.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    server_cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    client_cert = ca.issue_cert("client@example.test")
-    client_pem = tmp_path / "client.pem"
-    client_cert.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
-
-    g = GatewayProcess(["--upstream", worker.url, "--cache", "memory://", "--tls-cert", str(cert), "--tls-key",
-                        str(key), "--tls-client-ca", str(ca_file)], tmp_path, tmp_path)
+    tls = TlsFiles.make(tmp_path)
+    ca_file, client_pem = tls.ca_file, tls.client
+    g = GatewayProcess(["--upstream", worker.url, "--cache", "memory://", *tls.server_args], tmp_path, tmp_path)
     g.url = g.url.replace("http://", "https://")
     with_client_cert = ssl.create_default_context(cafile=str(ca_file))
     with_client_cert.load_cert_chain(str(client_pem))

@@ -10,12 +10,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.gateway.support import metric_value
 from tests.grpc.conftest import GrpcGateway, wait_grpc
-from tests.helpers import WorkerProcess
+from tests.helpers import TlsFiles, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +22,15 @@ KEY = "grpc-test-key"
 
 
 def test_keys_and_mtls(embedders: list[WorkerProcess], grpc_stubs: SimpleNamespace, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    server.private_key_and_cert_chain_pem.write_to_path(str(cert))
-    server.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    client = ca.issue_cert("client@example.test")
+    tls = TlsFiles.make(tmp_path)
+    ca, client, ca_file = tls.ca, tls.client_cert, tls.ca_file
     root = ca.cert_pem.bytes()
     with_cert = grpc.ssl_channel_credentials(root, client.private_key_pem.bytes(),
                                              b"".join(b.bytes() for b in client.cert_chain_pems))
     without_cert = grpc.ssl_channel_credentials(root)
 
-    g = GrpcGateway(["--upstream", embedders[0].url, "--cache", "memory://", "--api-key", KEY, "--tls-cert",
-                     str(cert), "--tls-key", str(key), "--tls-client-ca", str(ca_file)], tmp_path)
+    g = GrpcGateway(["--upstream", embedders[0].url, "--cache", "memory://", "--api-key", KEY, *tls.server_args],
+                    tmp_path)
     g.url = g.url.replace("http://", "https://")
     context = ssl.create_default_context(cafile=str(ca_file))
     client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
