@@ -88,11 +88,6 @@ class Batcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     @property
-    def busy(self) -> bool:
-        """A batch is running."""
-        return bool(self._running)
-
-    @property
     def idle(self) -> bool:
         """Nothing queued and no batch running."""
         return not self._running and not self._waiting
@@ -175,35 +170,19 @@ class Batcher:
                 self._executor, self._forward, [w.item for w in batch], output
             )
         except asyncio.CancelledError:
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(errors.unhealthy("the worker is shutting down"))
+            _fail(batch, errors.unhealthy("the worker is shutting down"))
             raise
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             self.metrics.batch_inference_failure.labels(output.value).inc()
             self.failed_in_a_row += 1
-            err = exc if isinstance(exc, errors.EngineError) else errors.backend(f"inference failed: {exc}")
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(err)
+            _fail(batch, exc if isinstance(exc, errors.EngineError) else errors.backend(f"inference failed: {exc}"))
             return
         elapsed = time.perf_counter() - started
-        try:
-            if values.shape[0] != len(batch):
-                raise errors.backend(f"inference returned {values.shape[0]} rows for a batch of {len(batch)}")
-            for row, w in enumerate(batch):
-                if not w.future.done():
-                    value = values[row, : w.length] if output is Output.TOKENS else values[row]
-                    w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
-        except errors.EngineError as exc:  # no input may wait for ever on a batch that went wrong
-            log.error("batch of %d: %s", len(batch), exc)
-            self.metrics.batch_inference_failure.labels(output.value).inc()
-            self.failed_in_a_row += 1
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(exc)
-            return
+        for row, w in enumerate(batch):
+            if not w.future.done():
+                value = values[row, : w.length] if output is Output.TOKENS else values[row]
+                w.future.set_result(RowResult(value, started - w.enqueued, elapsed))
         self.failed_in_a_row = 0
         m = self.metrics
         m.batch_next_size.observe(len(batch))
@@ -213,4 +192,14 @@ class Batcher:
 
     def _forward(self, items: list[Encoded], output: Output) -> tuple[int, np.ndarray]:
         padded = PaddedBatch.from_encoded(items)
-        return padded.padded_tokens, self.backend.forward(padded, output)
+        values = self.backend.forward(padded, output)
+        if values.shape[0] != len(items):  # no input may wait for ever on a row that never comes
+            raise errors.backend(f"inference returned {values.shape[0]} rows for a batch of {len(items)}")
+        return padded.padded_tokens, values
+
+
+def _fail(batch: list[_Waiting], err: BaseException) -> None:
+    """Fail the inputs of ``batch`` still waiting."""
+    for w in batch:
+        if not w.future.done():
+            w.future.set_exception(err)
