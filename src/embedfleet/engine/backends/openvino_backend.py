@@ -5,9 +5,8 @@ contrib operators OpenVINO does not read. Compiled models are cached by OpenVINO
 ``<data_dir>/openvino``, so a restart loads the compiled blob instead of compiling again.
 
 Streams: OpenVINO splits the threads into ``streams`` independent streams, each running its own infer
-request. One single-thread stream per core is the default: on a 2-core Xeon it gives 1.19x the short-text
-throughput of one stream with both threads, because small batches do not scale across threads (see the
-README's worker section). The batcher runs one batch per stream at once (:attr:`Backend.streams`).
+request. One single-thread stream per core is the default, because small batches do not scale across threads
+(measured in the README's worker section). The batcher runs one batch per stream at once (:attr:`Backend.streams`).
 
 Precision is OpenVINO's inference precision hint: ``f32`` computes in fp32 throughout; ``bf16`` runs the
 matrix multiplications in bf16 (AMX or AVX512-BF16 where the CPU has them) and keeps fp32 where accuracy
